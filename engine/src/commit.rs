@@ -1,0 +1,275 @@
+//! The committer: the one thread that mutates chunk, blob and reference state
+//! in the index. Requests that arrive together share one segment fsync and one
+//! synced RocksDB write batch (group commit). Because it is the only mutator,
+//! reference counts are read-modify-written without races.
+
+use crate::error::{Error, Result};
+use crate::ids::{ChunkId, Digest, RecipeId};
+use crate::index::codec::{recipe_prefix, staged_key, BlobEntry, ChunkEntry, Location, RecipePart, SegmentEntry};
+use crate::index::{Index, CF_BLOBS, CF_CHUNKS, CF_PENDING, CF_RECIPES, CF_SEGMENTS, CF_STAGED};
+use crate::store::Inner;
+use crossbeam_channel::{Receiver, Sender};
+use rocksdb::WriteBatch;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+pub(crate) enum Request {
+    Commit {
+        recipe: RecipeId,
+        digest: Digest,
+        size: u64,
+        chunk_count: u64,
+        created_unix_ms: u64,
+        reply: Sender<Result<BlobEntry>>,
+    },
+    Abort {
+        recipe: RecipeId,
+        reply: Sender<Result<()>>,
+    },
+    /// Adjust a blob's reference count by +1 or -1.
+    Ref {
+        digest: Digest,
+        add: bool,
+        reply: Sender<Result<u64>>,
+    },
+    Kv {
+        cf: String,
+        ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        reply: Sender<Result<()>>,
+    },
+    Shutdown,
+}
+
+/// Changes made by earlier requests of the same group, not yet written.
+#[derive(Default)]
+struct Overlay {
+    chunks: HashMap<ChunkId, ChunkEntry>,
+    blobs: HashMap<Digest, BlobEntry>,
+    inserted: HashSet<ChunkId>,
+    finished_recipes: HashSet<RecipeId>,
+}
+
+impl Overlay {
+    fn chunk(&self, index: &Index, id: &ChunkId) -> Result<Option<ChunkEntry>> {
+        match self.chunks.get(id) {
+            Some(e) => Ok(Some(*e)),
+            None => index.chunk(id),
+        }
+    }
+    fn blob(&self, index: &Index, d: &Digest) -> Result<Option<BlobEntry>> {
+        match self.blobs.get(d) {
+            Some(e) => Ok(Some(*e)),
+            None => index.blob(d),
+        }
+    }
+}
+
+pub(crate) fn run(inner: Arc<Inner>, rx: Receiver<Request>) {
+    let max = inner.cfg.group_commit_requests_max;
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < max {
+            match rx.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        let stop = group.iter().any(|r| matches!(r, Request::Shutdown));
+        process(&inner, group);
+        if stop {
+            break;
+        }
+    }
+}
+
+type Reply = Box<dyn FnOnce(Result<(), &Error>)>;
+
+fn delete_recipe(batch: &mut WriteBatch, index: &Index, recipe: RecipeId) -> Result<()> {
+    let from = recipe_prefix(recipe);
+    let to = recipe.0.checked_add(1).map(|n| n.to_be_bytes()).unwrap_or([0xff; 8]);
+    batch.delete_range_cf(index.cf(CF_RECIPES)?, from, to);
+    batch.delete_range_cf(index.cf(CF_STAGED)?, from, to);
+    batch.delete_cf(index.cf(CF_PENDING)?, from);
+    Ok(())
+}
+
+fn process(inner: &Inner, group: Vec<Request>) {
+    let index = &*inner.index;
+    let needs_sync = group.iter().any(|r| matches!(r, Request::Commit { .. }));
+    let durable = if needs_sync { inner.segments.sync_active() } else { Ok(None) };
+    let durable = match durable {
+        Ok(d) => d,
+        Err(e) => {
+            fail_all(group, &e);
+            return;
+        }
+    };
+    let mut batch = WriteBatch::default();
+    let mut ov = Overlay::default();
+    let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
+    for req in group {
+        match req {
+            Request::Commit { recipe, digest, size, chunk_count, created_unix_ms, reply } => {
+                let r = commit_blob(index, &mut ov, &mut batch, recipe, &digest, size, chunk_count, created_unix_ms);
+                replies.push(deferred(reply, r));
+            }
+            Request::Abort { recipe, reply } => {
+                ov.finished_recipes.insert(recipe);
+                let r = delete_recipe(&mut batch, index, recipe);
+                replies.push(deferred(reply, r));
+            }
+            Request::Ref { digest, add, reply } => {
+                let r = adjust_ref(index, &mut ov, &digest, add);
+                replies.push(deferred(reply, r));
+            }
+            Request::Kv { cf, ops, reply } => {
+                let r = kv_ops(index, &mut batch, &cf, ops);
+                replies.push(deferred(reply, r));
+            }
+            Request::Shutdown => {}
+        }
+    }
+    let written = finish_batch(index, &ov, &mut batch, durable).and_then(|_| index.write_synced(batch));
+    if let Err(e) = &written {
+        inner.segments.poison(e);
+    } else {
+        let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        fl.retain(|id, (_, owner)| !ov.inserted.contains(id) && !ov.finished_recipes.contains(owner));
+    }
+    for r in replies {
+        r(written.as_ref().map(|_| ()).map_err(|e| e));
+    }
+}
+
+fn deferred<T: Send + 'static>(reply: Sender<Result<T>>, r: Result<T>) -> Reply {
+    Box::new(move |written: Result<(), &Error>| {
+        let out = match (r, written) {
+            (Err(e), _) => Err(e),
+            (Ok(_), Err(_)) => Err(Error::Poisoned),
+            (Ok(v), Ok(())) => Ok(v),
+        };
+        let _ = reply.send(out);
+    })
+}
+
+fn fail_all(group: Vec<Request>, e: &Error) {
+    tracing::error!(error = %e, "group commit failed before writing the index");
+    for req in group {
+        match req {
+            Request::Commit { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
+            Request::Abort { reply, .. } | Request::Kv { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
+            Request::Ref { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
+            Request::Shutdown => {}
+        }
+    }
+}
+
+fn finish_batch(index: &Index, ov: &Overlay, batch: &mut WriteBatch, durable: Option<(crate::SegmentId, u64)>) -> Result<()> {
+    let chunks = index.cf(CF_CHUNKS)?;
+    for (id, e) in &ov.chunks {
+        batch.put_cf(chunks, id.0, e.encode());
+    }
+    let blobs = index.cf(CF_BLOBS)?;
+    for (d, e) in &ov.blobs {
+        batch.put_cf(blobs, d.to_key(), e.encode());
+    }
+    if let Some((seg, len)) = durable {
+        let prev = index.segment(seg)?;
+        if !prev.map(|p| p.sealed).unwrap_or(false) {
+            batch.put_cf(
+                index.cf(CF_SEGMENTS)?,
+                seg.0.to_be_bytes(),
+                SegmentEntry { sealed: false, durable_len: len }.encode(),
+            );
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn commit_blob(
+    index: &Index,
+    ov: &mut Overlay,
+    batch: &mut WriteBatch,
+    recipe: RecipeId,
+    digest: &Digest,
+    size: u64,
+    chunk_count: u64,
+    created_unix_ms: u64,
+) -> Result<BlobEntry> {
+    ov.finished_recipes.insert(recipe);
+    if let Some(existing) = ov.blob(index, digest)? {
+        // Already stored: this write's recipe is redundant.
+        delete_recipe(batch, index, recipe)?;
+        return Ok(existing);
+    }
+    let mut local: HashMap<ChunkId, ChunkEntry> = HashMap::new();
+    let mut inserted = Vec::new();
+    let (mut entries, mut bytes) = (0u64, 0u64);
+    let prefix = recipe_prefix(recipe);
+    for kv in index.scan_prefix(CF_RECIPES, &prefix)? {
+        let (_, v) = kv?;
+        let part = RecipePart::decode(&v)?;
+        for e in &part.entries {
+            entries += 1;
+            bytes += e.raw_len as u64;
+            let cur = match local.get(&e.chunk) {
+                Some(c) => Some(*c),
+                None => ov.chunk(index, &e.chunk)?,
+            };
+            let next = match cur {
+                Some(mut c) => {
+                    c.refs += 1;
+                    c
+                }
+                None => {
+                    let staged = index.get(CF_STAGED, &staged_key(recipe, &e.chunk))?.ok_or_else(|| {
+                        Error::CorruptIndex {
+                            cf: CF_STAGED,
+                            reason: format!("recipe {} names chunk {} that is neither stored nor staged", recipe.0, e.chunk),
+                        }
+                    })?;
+                    inserted.push(e.chunk);
+                    ChunkEntry { loc: Location::decode(&staged, CF_STAGED)?, refs: 1 }
+                }
+            };
+            local.insert(e.chunk, next);
+        }
+    }
+    if entries != chunk_count || bytes != size {
+        return Err(Error::CorruptIndex {
+            cf: CF_RECIPES,
+            reason: format!("recipe {} has {entries} chunks / {bytes} bytes, writer reported {chunk_count} / {size}", recipe.0),
+        });
+    }
+    let entry = BlobEntry { size, recipe, chunk_count, refs: 0, created_unix_ms };
+    ov.chunks.extend(local);
+    ov.inserted.extend(inserted);
+    ov.blobs.insert(digest.clone(), entry);
+    let to = recipe.0.checked_add(1).map(|n| n.to_be_bytes()).unwrap_or([0xff; 8]);
+    batch.delete_range_cf(index.cf(CF_STAGED)?, prefix, to);
+    batch.delete_cf(index.cf(CF_PENDING)?, prefix);
+    Ok(entry)
+}
+
+fn adjust_ref(index: &Index, ov: &mut Overlay, digest: &Digest, add: bool) -> Result<u64> {
+    let mut e = ov.blob(index, digest)?.ok_or_else(|| Error::BlobUnknown(digest.clone()))?;
+    e.refs = if add {
+        e.refs + 1
+    } else {
+        e.refs.checked_sub(1).ok_or_else(|| Error::RefUnderflow(digest.clone()))?
+    };
+    ov.blobs.insert(digest.clone(), e);
+    Ok(e.refs)
+}
+
+fn kv_ops(index: &Index, batch: &mut WriteBatch, cf: &str, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
+    let h = index.extra_cf(cf)?;
+    for (k, v) in ops {
+        match v {
+            Some(v) => batch.put_cf(h, k, v),
+            None => batch.delete_cf(h, k),
+        }
+    }
+    Ok(())
+}

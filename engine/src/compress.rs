@@ -1,0 +1,83 @@
+//! zstd compression with a cheap probe: most container layers are gzip and do
+//! not shrink, so a small sample is compressed first and the chunk is only
+//! compressed whole when the sample shrinks.
+
+/// Bytes of each chunk compressed by the probe.
+const PROBE_BYTES: usize = 4096;
+/// The probe must shrink the sample to at most this fraction (in 1/64ths).
+const PROBE_KEEP_64THS: usize = 60;
+/// A compressed chunk is kept only if it saves at least 1/32 of the raw size.
+const SAVE_MIN_32THS: usize = 1;
+
+pub(crate) struct Compressor {
+    probe: zstd::bulk::Compressor<'static>,
+    full: zstd::bulk::Compressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl Compressor {
+    pub fn new(level: i32) -> std::io::Result<Self> {
+        Ok(Compressor {
+            probe: zstd::bulk::Compressor::new(1)?,
+            full: zstd::bulk::Compressor::new(level)?,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Returns the compressed form when it is worth keeping, else None.
+    pub fn maybe_compress(&mut self, raw: &[u8]) -> Option<Vec<u8>> {
+        if raw.len() < 512 {
+            return None;
+        }
+        if raw.len() > 2 * PROBE_BYTES {
+            let mid = raw.len() / 2 - PROBE_BYTES / 2;
+            let sample = &raw[mid..mid + PROBE_BYTES];
+            self.scratch.clear();
+            self.scratch.reserve(zstd::zstd_safe::compress_bound(PROBE_BYTES));
+            let n = self.probe.compress_to_buffer(sample, &mut self.scratch).ok()?;
+            if n * 64 > PROBE_BYTES * PROBE_KEEP_64THS {
+                return None;
+            }
+        }
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
+        let n = self.full.compress_to_buffer(raw, &mut out).ok()?;
+        if n + raw.len() * SAVE_MIN_32THS / 32 > raw.len() {
+            return None;
+        }
+        Some(out)
+    }
+}
+
+/// Decompresses a chunk whose plaintext length is known; a wrong length is corruption.
+pub(crate) fn decompress(data: &[u8], raw_len: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(raw_len);
+    let n = zstd::bulk::Decompressor::new()
+        .ok()?
+        .decompress_to_buffer(data, &mut out)
+        .ok()?;
+    (n == raw_len).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngCore, SeedableRng};
+
+    #[test]
+    fn compresses_text_not_noise() {
+        let mut c = Compressor::new(1).unwrap_or_else(|e| panic!("{e}"));
+        let text: Vec<u8> = b"lorem ipsum dolor sit amet "
+            .iter()
+            .cycle()
+            .take(64 * 1024)
+            .copied()
+            .collect();
+        let z = c.maybe_compress(&text).unwrap_or_else(|| panic!("text should compress"));
+        assert!(z.len() < text.len() / 4);
+        assert_eq!(decompress(&z, text.len()).as_deref(), Some(&text[..]));
+        assert!(decompress(&z, text.len() + 1).is_none());
+        let mut noise = vec![0u8; 64 * 1024];
+        rand::rngs::SmallRng::seed_from_u64(1).fill_bytes(&mut noise);
+        assert!(c.maybe_compress(&noise).is_none());
+    }
+}

@@ -1,0 +1,178 @@
+//! The RocksDB index: chunks, blobs, recipes and segment bookkeeping.
+//!
+//! Only the engine opens RocksDB. Layers above add their own column families
+//! through [`crate::StoreConfig::extra_column_families`] and reach them with
+//! [`crate::Store::kv_get`] and friends.
+
+pub mod codec;
+
+use crate::error::{Error, Result};
+use crate::ids::{ChunkId, Digest, SegmentId};
+use codec::{BlobEntry, ChunkEntry, SegmentEntry};
+use rocksdb::{BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use std::path::Path;
+
+pub const INDEX_FORMAT_VERSION: u32 = 1;
+
+pub const CF_META: &str = "meta";
+pub const CF_CHUNKS: &str = "chunks";
+pub const CF_BLOBS: &str = "blobs";
+pub const CF_RECIPES: &str = "recipes";
+pub const CF_STAGED: &str = "staged";
+pub const CF_PENDING: &str = "pending";
+pub const CF_SEGMENTS: &str = "segments";
+const ENGINE_CFS: [&str; 7] = [CF_META, CF_CHUNKS, CF_BLOBS, CF_RECIPES, CF_STAGED, CF_PENDING, CF_SEGMENTS];
+
+pub const META_FORMAT_VERSION: &[u8] = b"format_version";
+pub const META_STORE_ID: &[u8] = b"store_id";
+pub const META_KEY_CHECK: &[u8] = b"key_check";
+pub const META_NEXT_SEGMENT: &[u8] = b"next_segment_id";
+pub const META_NEXT_RECIPE: &[u8] = b"next_recipe_id";
+
+/// RocksDB's shared block cache.
+const BLOCK_CACHE_BYTES: usize = 64 << 20;
+
+pub struct Index {
+    db: DB,
+    read_only: bool,
+    extra: Vec<String>,
+}
+
+fn cf_options(cache: &Cache, point_lookups: bool) -> Options {
+    let mut bo = BlockBasedOptions::default();
+    bo.set_block_cache(cache);
+    if point_lookups {
+        bo.set_bloom_filter(10.0, false);
+    }
+    let mut o = Options::default();
+    o.set_block_based_table_factory(&bo);
+    o.set_compression_type(rocksdb::DBCompressionType::None);
+    o
+}
+
+impl Index {
+    pub fn open(path: &Path, read_only: bool, extra: &[String]) -> Result<Self> {
+        for e in extra {
+            if ENGINE_CFS.contains(&e.as_str()) || e == "default" {
+                return Err(Error::Config(format!("column family {e:?} is reserved by the engine")));
+            }
+        }
+        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        let mut opts = Options::default();
+        opts.create_if_missing(!read_only);
+        opts.create_missing_column_families(!read_only);
+        opts.set_max_background_jobs(2);
+        opts.set_keep_log_file_num(4);
+        let descs = ENGINE_CFS
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, cf_options(&cache, matches!(*n, CF_CHUNKS | CF_BLOBS))))
+            .chain(extra.iter().map(|n| ColumnFamilyDescriptor::new(n, cf_options(&cache, true))));
+        let db = if read_only {
+            let names: Vec<String> = ENGINE_CFS.iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect();
+            DB::open_cf_for_read_only(&opts, path, names, false)?
+        } else {
+            DB::open_cf_descriptors(&opts, path, descs)?
+        };
+        Ok(Index {
+            db,
+            read_only,
+            extra: extra.to_vec(),
+        })
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn cf(&self, name: &str) -> Result<&ColumnFamily> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| Error::UnknownColumnFamily(name.to_string()))
+    }
+
+    /// A column family registered by a layer above the engine.
+    pub fn extra_cf(&self, name: &str) -> Result<&ColumnFamily> {
+        if !self.extra.iter().any(|e| e == name) {
+            return Err(Error::UnknownColumnFamily(name.to_string()));
+        }
+        self.cf(name)
+    }
+
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(cf)?, key)?)
+    }
+
+    /// Writes a batch durably (WAL synced) before returning.
+    pub fn write_synced(&self, batch: WriteBatch) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        Ok(self.db.write_opt(batch, &wo)?)
+    }
+
+    /// Writes a batch without waiting for the WAL to reach disk (used for
+    /// staging data that a later synced commit makes durable).
+    pub fn write_unsynced(&self, batch: WriteBatch) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(self.db.write(batch)?)
+    }
+
+    pub fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>> {
+        match self.get(CF_META, key)? {
+            None => Ok(None),
+            Some(v) => <[u8; 8]>::try_from(v.as_slice())
+                .map(|a| Some(u64::from_le_bytes(a)))
+                .map_err(|_| Error::CorruptIndex {
+                    cf: CF_META,
+                    reason: format!("{} is not a u64", String::from_utf8_lossy(key)),
+                }),
+        }
+    }
+
+    pub fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkEntry>> {
+        self.get(CF_CHUNKS, &id.0)?
+            .map(|v| ChunkEntry::decode(&v))
+            .transpose()
+    }
+
+    pub fn blob(&self, d: &Digest) -> Result<Option<BlobEntry>> {
+        self.get(CF_BLOBS, &d.to_key())?
+            .map(|v| BlobEntry::decode(&v))
+            .transpose()
+    }
+
+    pub fn segment(&self, id: SegmentId) -> Result<Option<SegmentEntry>> {
+        self.get(CF_SEGMENTS, &id.0.to_be_bytes())?
+            .map(|v| SegmentEntry::decode(&v))
+            .transpose()
+    }
+
+    /// Every entry of a column family, in key order.
+    pub fn scan(&self, cf: &str) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_> {
+        Ok(self
+            .db
+            .iterator_cf(self.cf(cf)?, rocksdb::IteratorMode::Start)
+            .map(|r| r.map_err(Error::from)))
+    }
+
+    /// Entries whose key starts with `prefix`, in key order.
+    pub fn scan_prefix<'a>(
+        &'a self,
+        cf: &str,
+        prefix: &'a [u8],
+    ) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a> {
+        Ok(self
+            .db
+            .iterator_cf(self.cf(cf)?, rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward))
+            .take_while(move |r| r.as_ref().map(|(k, _)| k.starts_with(prefix)).unwrap_or(true))
+            .map(|r| r.map_err(Error::from)))
+    }
+}

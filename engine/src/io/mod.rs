@@ -1,0 +1,74 @@
+//! Segment I/O behind a small trait, so tests can inject faults.
+//!
+//! Three implementations: [`PreadIo`] (pread/pwrite, always works),
+//! [`UringIo`] (io_uring, when the kernel allows it) and [`FaultIo`]
+//! (torn writes, lost unsynced data, bit flips, EIO; seeded and replayable).
+
+mod fault;
+mod pread;
+mod uring;
+
+pub use fault::{FaultConfig, FaultIo};
+pub use pread::PreadIo;
+pub use uring::UringIo;
+
+
+use crate::error::{Error, Result};
+use std::path::Path;
+use std::sync::Arc;
+
+/// One open segment file.
+pub trait SegmentFile: Send + Sync {
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()>;
+    /// Fills all of `buf` from `offset`; a short file is `UnexpectedEof`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    /// Makes every completed write durable (fdatasync).
+    fn sync(&self) -> std::io::Result<()>;
+    fn len(&self) -> std::io::Result<u64>;
+    fn set_len(&self, len: u64) -> std::io::Result<()>;
+}
+
+/// Opens segment files and syncs directories.
+pub trait SegmentIo: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Arc<dyn SegmentFile>>;
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()>;
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::remove_file(path)
+    }
+}
+
+/// How a segment file is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create a new file; fails if it exists.
+    Create,
+    ReadWrite,
+    ReadOnly,
+}
+
+pub(crate) fn open_std(path: &Path, mode: OpenMode) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(mode != OpenMode::ReadOnly)
+        .create_new(mode == OpenMode::Create)
+        .open(path)
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// Picks the backend: io_uring when the kernel allows it, else pread/pwrite.
+pub fn auto() -> Arc<dyn SegmentIo> {
+    match UringIo::new() {
+        Ok(u) => Arc::new(u),
+        Err(e) => {
+            tracing::info!(error = %e, "io_uring unavailable; using pread/pwrite for segment I/O");
+            Arc::new(PreadIo)
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Orlop's storage engine: a log-structured, content-addressed, deduplicating,
+//! compressed and encrypted blob store over segment files and a RocksDB index.
+//!
+//! See `docs/ARCHITECTURE.md` for the bird's-eye view and `docs/format.md` for
+//! every byte the engine puts on disk.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+mod chunker;
+mod commit;
+mod compress;
+mod config;
+mod crypto;
+mod error;
+mod ids;
+pub mod index;
+pub mod io;
+mod keys;
+mod read;
+pub mod segment;
+mod stats;
+mod store;
+mod verify;
+mod write;
+
+pub use config::{ChunkParams, IoBackend, KeySource, StoreConfig};
+pub use error::{Error, Result};
+pub use ids::{ChunkId, Digest, DigestAlgorithm, RecipeId, SegmentId};
+pub use keys::{MasterKey, KEY_ENV_VAR};
+pub use read::BlobReader;
+pub use stats::{SegmentStats, StoreStats};
+pub use store::{BlobInfo, Store};
+pub use verify::{Problem, Progress, VerifyReport};
+pub use write::BlobWriter;

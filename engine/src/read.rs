@@ -1,0 +1,221 @@
+//! The read path: whole and ranged streaming reads. Every chunk is checked
+//! (record checksum, AEAD tag, then its keyed BLAKE3 name) before a byte of it
+//! is returned; chunks ahead of the reader are decoded in parallel.
+
+use crate::compress::decompress;
+use crate::error::{Error, Result};
+use crate::ids::{ChunkId, Digest};
+use crate::index::codec::{recipe_key, BlobEntry, ChunkEntry, RecipeEntry, RecipePart};
+use crate::index::CF_RECIPES;
+use crate::segment::format::{RecordHeader, FLAG_ZSTD, KIND_CHUNK, RECORD_HEADER_BYTES};
+use crate::store::Inner;
+use bytes::Bytes;
+use rayon::prelude::*;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// Loads, authenticates, decompresses and checks one chunk.
+pub(crate) fn load_chunk(inner: &Inner, id: &ChunkId, entry: &ChunkEntry) -> Result<Bytes> {
+    let loc = &entry.loc;
+    let corrupt = |reason| Error::CorruptChunk { segment: loc.segment, offset: loc.offset as u64, reason };
+    let mut rec = inner.segments.read_record(loc)?;
+    let h = RecordHeader::decode(&rec).ok_or_else(|| corrupt("no record header"))?;
+    if h.kind != KIND_CHUNK || h.chunk != *id || h.raw_len != loc.raw_len || h.flags != loc.flags {
+        return Err(corrupt("record header does not match the index"));
+    }
+    let n = inner
+        .cipher
+        .open(h.nonce, h.kind, h.flags, h.raw_len, id, &mut rec[RECORD_HEADER_BYTES..])
+        .map_err(|_| corrupt("authentication (AEAD tag) failed"))?;
+    let plain = if h.flags & FLAG_ZSTD != 0 {
+        Bytes::from(
+            decompress(&rec[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + n], h.raw_len as usize)
+                .ok_or_else(|| corrupt("zstd data does not decompress to its length"))?,
+        )
+    } else {
+        Bytes::from(rec).slice(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + n)
+    };
+    if plain.len() != h.raw_len as usize || inner.chunk_id(&plain) != *id {
+        return Err(corrupt("content does not match the chunk name"));
+    }
+    Ok(plain)
+}
+
+/// Looks up and loads a chunk named by a recipe.
+pub(crate) fn fetch_chunk(inner: &Inner, e: &RecipeEntry) -> Result<Bytes> {
+    let entry = inner.index.chunk(&e.chunk)?.ok_or_else(|| Error::CorruptIndex {
+        cf: "chunks",
+        reason: format!("recipe names missing chunk {}", e.chunk),
+    })?;
+    if entry.loc.raw_len != e.raw_len {
+        return Err(Error::CorruptIndex { cf: "chunks", reason: format!("chunk {} length differs from its recipe", e.chunk) });
+    }
+    load_chunk(inner, &e.chunk, &entry)
+}
+
+/// Iterates a blob's recipe parts in order.
+pub(crate) fn recipe_parts<'a>(inner: &'a Inner, entry: &BlobEntry) -> impl Iterator<Item = Result<RecipePart>> + 'a {
+    let recipe = entry.recipe;
+    let mut part_no = 0u32;
+    std::iter::from_fn(move || {
+        let r = inner.index.get(CF_RECIPES, &recipe_key(recipe, part_no));
+        part_no += 1;
+        match r {
+            Ok(Some(v)) => Some(RecipePart::decode(&v)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    })
+}
+
+/// A streaming reader over a byte range of one blob.
+pub struct BlobReader {
+    inner: Arc<Inner>,
+    entry: BlobEntry,
+    /// Blob offset of the next recipe entry in `queue`.
+    queue_pos: u64,
+    queue: VecDeque<RecipeEntry>,
+    next_part: u32,
+    /// Absolute range still to return.
+    pos: u64,
+    end: u64,
+    ready: VecDeque<Bytes>,
+    current: Bytes,
+}
+
+impl BlobReader {
+    pub(crate) fn new(inner: Arc<Inner>, digest: &Digest, offset: u64, len: Option<u64>) -> Result<Self> {
+        let entry = inner.index.blob(digest)?.ok_or_else(|| Error::BlobUnknown(digest.clone()))?;
+        let len = len.unwrap_or(entry.size.saturating_sub(offset));
+        let end = offset.checked_add(len).filter(|e| *e <= entry.size && offset <= entry.size);
+        let Some(end) = end else {
+            return Err(Error::RangeInvalid { offset, len, size: entry.size });
+        };
+        let mut r = BlobReader {
+            inner,
+            entry,
+            queue_pos: 0,
+            queue: VecDeque::new(),
+            next_part: 0,
+            pos: offset,
+            end,
+            ready: VecDeque::new(),
+            current: Bytes::new(),
+        };
+        r.seek_part()?;
+        Ok(r)
+    }
+
+    /// Blob size.
+    pub fn blob_size(&self) -> u64 {
+        self.entry.size
+    }
+
+    /// Bytes left to return.
+    pub fn remaining(&self) -> u64 {
+        self.end - self.pos
+    }
+
+    /// Loads recipe parts until the one holding `pos`.
+    fn seek_part(&mut self) -> Result<()> {
+        loop {
+            let Some(part) = self.load_part()? else { return Ok(()) };
+            if part.end() > self.pos || part.entries.is_empty() {
+                self.queue_pos = part.start;
+                self.queue = part.entries.into();
+                return Ok(());
+            }
+        }
+    }
+
+    fn load_part(&mut self) -> Result<Option<RecipePart>> {
+        let v = self.inner.index.get(CF_RECIPES, &recipe_key(self.entry.recipe, self.next_part))?;
+        self.next_part += 1;
+        v.map(|v| RecipePart::decode(&v)).transpose()
+    }
+
+    /// Decodes the next batch of chunks that overlap the range, in parallel.
+    fn fill(&mut self) -> Result<()> {
+        let mut batch: Vec<(u64, RecipeEntry)> = Vec::new();
+        while batch.len() < self.inner.cfg.read_ahead_chunks && self.queue_pos < self.end {
+            let Some(e) = self.queue.pop_front() else {
+                match self.load_part()? {
+                    Some(p) => {
+                        self.queue_pos = p.start;
+                        self.queue = p.entries.into();
+                        continue;
+                    }
+                    None => {
+                        return Err(Error::CorruptIndex {
+                            cf: CF_RECIPES,
+                            reason: format!("recipe {} ends before the blob's size", self.entry.recipe.0),
+                        })
+                    }
+                }
+            };
+            let start = self.queue_pos;
+            self.queue_pos += e.raw_len as u64;
+            if self.queue_pos > self.pos {
+                batch.push((start, e));
+            }
+        }
+        let inner = &*self.inner;
+        let decoded: Vec<Result<Bytes>> = if batch.len() > 1 {
+            batch.par_iter().map(|(_, e)| fetch_chunk(inner, e)).collect()
+        } else {
+            batch.iter().map(|(_, e)| fetch_chunk(inner, e)).collect()
+        };
+        for ((start, _), d) in batch.iter().zip(decoded) {
+            let d = d?;
+            let from = self.pos.saturating_sub(*start).min(d.len() as u64) as usize;
+            let to = (self.end - start).min(d.len() as u64) as usize;
+            if from < to {
+                self.ready.push_back(d.slice(from..to));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next piece of the range, or None at its end. Zero-copy.
+    pub fn next_piece(&mut self) -> Result<Option<Bytes>> {
+        if !self.current.is_empty() {
+            let c = std::mem::take(&mut self.current);
+            self.pos += c.len() as u64;
+            return Ok(Some(c));
+        }
+        if self.ready.is_empty() {
+            if self.pos >= self.end {
+                return Ok(None);
+            }
+            self.fill()?;
+        }
+        match self.ready.pop_front() {
+            Some(b) => {
+                self.pos += b.len() as u64;
+                Ok(Some(b))
+            }
+            None if self.pos >= self.end => Ok(None),
+            None => Err(Error::CorruptIndex { cf: CF_RECIPES, reason: "recipe shorter than blob".into() }),
+        }
+    }
+}
+
+impl std::io::Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.current.is_empty() {
+            match self.next_piece() {
+                Ok(Some(b)) => {
+                    self.pos -= b.len() as u64;
+                    self.current = b;
+                }
+                Ok(None) => return Ok(0),
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}

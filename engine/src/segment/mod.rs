@@ -1,0 +1,287 @@
+//! Segment files: append-only logs of encrypted chunk records, sealed at a
+//! fixed size. The active segment takes appends under one lock (which also
+//! fixes each record's nonce); sealed segments are immutable.
+
+pub mod format;
+mod recovery;
+
+pub use recovery::{scan_segment, scan_unsealed, ScanResult};
+
+use crate::crypto::{nonce_for, ChunkCipher, TAG_BYTES};
+use crate::error::{Error, Result};
+use crate::ids::{ChunkId, SegmentId};
+use crate::index::codec::{Location, SegmentEntry};
+use crate::index::{Index, CF_META, CF_SEGMENTS, META_NEXT_SEGMENT};
+use crate::io::{OpenMode, SegmentFile, SegmentIo};
+use format::{RecordHeader, SegmentFooter, SegmentHeader, FOOTER_BYTES, HEADER_BYTES, RECORD_HEADER_BYTES};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+struct Active {
+    id: SegmentId,
+    file: Arc<dyn SegmentFile>,
+    offset: u64,
+    record_count: u64,
+    data_crc: u32,
+}
+
+pub(crate) struct Segments {
+    dir: PathBuf,
+    io: Arc<dyn SegmentIo>,
+    index: Arc<Index>,
+    store_id: [u8; 16],
+    segment_bytes: u64,
+    files: RwLock<HashMap<SegmentId, Arc<dyn SegmentFile>>>,
+    active: Mutex<Option<Active>>,
+    poisoned: AtomicBool,
+}
+
+/// A chunk ready to append: plaintext or compressed bytes, not yet encrypted.
+pub(crate) struct PreparedChunk {
+    pub id: ChunkId,
+    pub flags: u8,
+    pub raw_len: u32,
+    pub body: Vec<u8>,
+}
+
+impl Segments {
+    pub fn new(
+        dir: PathBuf,
+        io: Arc<dyn SegmentIo>,
+        index: Arc<Index>,
+        store_id: [u8; 16],
+        segment_bytes: u64,
+    ) -> Self {
+        Segments {
+            dir,
+            io,
+            index,
+            store_id,
+            segment_bytes,
+            files: RwLock::new(HashMap::new()),
+            active: Mutex::new(None),
+            poisoned: AtomicBool::new(false),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn io(&self) -> &Arc<dyn SegmentIo> {
+        &self.io
+    }
+
+    pub fn path_of(&self, id: SegmentId) -> PathBuf {
+        self.dir.join(id.file_name())
+    }
+
+    pub fn poison(&self, why: &dyn std::fmt::Display) {
+        if !self.poisoned.swap(true, Ordering::SeqCst) {
+            tracing::error!(error = %why, "segment write failed; the store refuses writes until reopened");
+        }
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    pub fn check_writable(&self) -> Result<()> {
+        if self.index.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        if self.is_poisoned() {
+            return Err(Error::Poisoned);
+        }
+        Ok(())
+    }
+
+    /// Registers an existing (recovered or sealed) segment for reading.
+    pub fn register(&self, id: SegmentId, file: Arc<dyn SegmentFile>) {
+        self.files.write().unwrap_or_else(|p| p.into_inner()).insert(id, file);
+    }
+
+    pub fn ids(&self) -> Vec<SegmentId> {
+        let mut v: Vec<_> = self.files.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    pub fn file(&self, id: SegmentId) -> Result<Arc<dyn SegmentFile>> {
+        self.files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+            .ok_or(Error::SegmentMissing(id))
+    }
+
+    /// Encrypts and appends one chunk record; returns where it landed.
+    pub fn append(&self, cipher: &ChunkCipher, mut chunk: PreparedChunk) -> Result<Location> {
+        self.check_writable()?;
+        let record_len = RECORD_HEADER_BYTES as u64 + chunk.body.len() as u64 + TAG_BYTES as u64;
+        let mut guard = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let full = match guard.as_ref() {
+            None => true,
+            Some(a) => a.offset + record_len > self.segment_bytes - FOOTER_BYTES,
+        };
+        if full {
+            if let Some(a) = guard.take() {
+                self.seal(a)?;
+            }
+            *guard = Some(self.create()?);
+        }
+        let a = guard.as_mut().ok_or(Error::Poisoned)?;
+        let offset = a.offset as u32;
+        let nonce = nonce_for(a.id, offset);
+        cipher
+            .seal(nonce, format::KIND_CHUNK, chunk.flags, chunk.raw_len, &chunk.id, &mut chunk.body)
+            .map_err(|_| Error::Config("AEAD seal failed".into()))?;
+        let header = RecordHeader {
+            kind: format::KIND_CHUNK,
+            flags: chunk.flags,
+            payload_len: chunk.body.len() as u32,
+            raw_len: chunk.raw_len,
+            chunk: chunk.id,
+            nonce,
+        };
+        let mut record = Vec::with_capacity(record_len as usize);
+        record.extend_from_slice(&header.encode(&chunk.body));
+        record.extend_from_slice(&chunk.body);
+        if let Err(e) = a.file.write_at(&record, a.offset) {
+            self.poison(&e);
+            return Err(Error::io(self.path_of(a.id), e));
+        }
+        a.offset += record.len() as u64;
+        a.record_count += 1;
+        a.data_crc = crc32c::crc32c_append(a.data_crc, &record);
+        Ok(Location {
+            segment: a.id,
+            offset,
+            payload_len: header.payload_len,
+            raw_len: chunk.raw_len,
+            flags: chunk.flags,
+        })
+    }
+
+    /// Allocates a segment id durably, creates the file and writes its header.
+    fn create(&self) -> Result<Active> {
+        let next = self.index.meta_u64(META_NEXT_SEGMENT)?.unwrap_or(1);
+        let id = SegmentId(next);
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(self.index.cf(CF_META)?, META_NEXT_SEGMENT, (next + 1).to_le_bytes());
+        batch.put_cf(
+            self.index.cf(CF_SEGMENTS)?,
+            id.0.to_be_bytes(),
+            SegmentEntry { sealed: false, durable_len: 0 }.encode(),
+        );
+        self.index.write_synced(batch)?;
+        let path = self.path_of(id);
+        let fail = |e: std::io::Error| {
+            self.poison(&e);
+            Error::io(&path, e)
+        };
+        let file = self.io.open(&path, OpenMode::Create).map_err(fail)?;
+        let header = SegmentHeader {
+            segment: id,
+            store_id: self.store_id,
+            segment_bytes: self.segment_bytes,
+        };
+        file.write_at(&header.encode(), 0).map_err(fail)?;
+        self.io.sync_dir(&self.dir).map_err(fail)?;
+        self.register(id, file.clone());
+        tracing::debug!(segment = %id, "opened a new segment");
+        Ok(Active {
+            id,
+            file,
+            offset: HEADER_BYTES,
+            record_count: 0,
+            data_crc: 0,
+        })
+    }
+
+    fn seal(&self, a: Active) -> Result<()> {
+        let footer = SegmentFooter {
+            segment: a.id,
+            data_end: a.offset,
+            record_count: a.record_count,
+            data_crc: a.data_crc,
+        };
+        seal_file(&*a.file, self.segment_bytes, &footer).map_err(|e| {
+            self.poison(&e);
+            Error::io(self.path_of(a.id), e)
+        })?;
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(
+            self.index.cf(CF_SEGMENTS)?,
+            a.id.0.to_be_bytes(),
+            SegmentEntry { sealed: true, durable_len: a.offset }.encode(),
+        );
+        self.index.write_synced(batch)?;
+        tracing::debug!(segment = %a.id, bytes = a.offset, records = a.record_count, "sealed segment");
+        Ok(())
+    }
+
+    /// Makes every completed append durable. Returns the active segment and
+    /// the length now durable, for the commit to record.
+    pub fn sync_active(&self) -> Result<Option<(SegmentId, u64)>> {
+        self.check_writable()?;
+        let (id, file, len) = {
+            let g = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            match g.as_ref() {
+                None => return Ok(None),
+                Some(a) => (a.id, a.file.clone(), a.offset),
+            }
+        };
+        if let Err(e) = file.sync() {
+            self.poison(&e);
+            return Err(Error::io(self.path_of(id), e));
+        }
+        Ok(Some((id, len)))
+    }
+
+    /// Seals the active segment (clean shutdown).
+    pub fn seal_active(&self) -> Result<()> {
+        let mut g = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = g.take() {
+            if self.is_poisoned() {
+                return Err(Error::Poisoned);
+            }
+            self.seal(a)?;
+        }
+        Ok(())
+    }
+
+    /// Reads one whole record (header ‖ payload) and checks its checksum.
+    pub fn read_record(&self, loc: &Location) -> Result<Vec<u8>> {
+        let file = self.file(loc.segment)?;
+        let mut buf = vec![0u8; loc.record_len() as usize];
+        file.read_at(&mut buf, loc.offset as u64).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::CorruptChunk {
+                    segment: loc.segment,
+                    offset: loc.offset as u64,
+                    reason: "segment file ends before the record",
+                }
+            } else {
+                Error::io(self.path_of(loc.segment), e)
+            }
+        })?;
+        if !RecordHeader::checksum_ok(&buf) {
+            return Err(Error::ChecksumMismatch {
+                segment: loc.segment,
+                offset: loc.offset as u64,
+            });
+        }
+        Ok(buf)
+    }
+}
+
+/// Writes the footer at the fixed end of the file and syncs it.
+pub(crate) fn seal_file(file: &dyn SegmentFile, segment_bytes: u64, footer: &SegmentFooter) -> std::io::Result<()> {
+    file.set_len(footer.data_end)?;
+    file.write_at(&footer.encode(), segment_bytes - FOOTER_BYTES)?;
+    file.sync()
+}

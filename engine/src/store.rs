@@ -1,0 +1,397 @@
+//! Opening, recovering and closing a store, and its public API.
+
+use crate::commit::{self, Request};
+use crate::config::{IoBackend, StoreConfig};
+use crate::crypto::ChunkCipher;
+use crate::error::{Error, Result};
+use crate::ids::{ChunkId, Digest, RecipeId, SegmentId};
+use crate::index::codec::{Location, SegmentEntry};
+use crate::index::*;
+use crate::io::{self, OpenMode, PreadIo, SegmentIo, UringIo};
+use crate::keys::MasterKey;
+use crate::read::BlobReader;
+use crate::segment::format::HEADER_BYTES;
+use crate::segment::{scan_unsealed, seal_file, Segments};
+use crate::write::BlobWriter;
+use crossbeam_channel::Sender;
+use rocksdb::WriteBatch;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Recipe ids are reserved durably in blocks of this many.
+const RECIPE_ID_BLOCK: u64 = 4096;
+/// At most this many uncommitted chunk placements are shared between writers.
+pub(crate) const INFLIGHT_CHUNKS_MAX: usize = 1 << 16;
+
+/// What the store knows about a committed blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobInfo {
+    pub digest: Digest,
+    pub size: u64,
+    pub chunk_count: u64,
+    pub refs: u64,
+    pub created_unix_ms: u64,
+}
+
+pub(crate) struct Inner {
+    pub cfg: StoreConfig,
+    pub index: Arc<Index>,
+    pub segments: Segments,
+    pub cipher: ChunkCipher,
+    pub naming_key: [u8; 32],
+    /// Chunks appended but not yet committed: id -> (location, owning recipe).
+    pub inflight: Mutex<HashMap<ChunkId, (Location, RecipeId)>>,
+    pub commit_tx: Sender<Request>,
+    recipe_ids: Mutex<(u64, u64)>,
+}
+
+/// An open store. Cheap to share behind an `Arc`; dropping it shuts down cleanly.
+pub struct Store {
+    inner: Arc<Inner>,
+    committer: Option<JoinHandle<()>>,
+}
+
+pub(crate) fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Inner {
+    pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
+        ChunkId(*blake3::keyed_hash(&self.naming_key, data).as_bytes())
+    }
+
+    pub fn next_recipe_id(&self) -> Result<RecipeId> {
+        let mut g = self.recipe_ids.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0 >= g.1 {
+            let until = g.1 + RECIPE_ID_BLOCK;
+            let mut b = WriteBatch::default();
+            b.put_cf(self.index.cf(CF_META)?, META_NEXT_RECIPE, until.to_le_bytes());
+            self.index.write_synced(b)?;
+            g.1 = until;
+        }
+        g.0 += 1;
+        Ok(RecipeId(g.0 - 1))
+    }
+
+    pub fn request<T>(&self, make: impl FnOnce(Sender<Result<T>>) -> Request) -> Result<T> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.commit_tx.send(make(tx)).map_err(|_| Error::ShuttingDown)?;
+        rx.recv().map_err(|_| Error::ShuttingDown)?
+    }
+}
+
+fn pick_io(b: &IoBackend) -> Result<Arc<dyn SegmentIo>> {
+    Ok(match b {
+        IoBackend::Auto => io::auto(),
+        IoBackend::Pread => Arc::new(PreadIo),
+        IoBackend::Uring => Arc::new(UringIo::new().map_err(|e| Error::io("io_uring", e))?),
+        IoBackend::Custom(io) => io.clone(),
+    })
+}
+
+impl Store {
+    /// Opens (creating on first use) the store under `cfg.data_dir`.
+    pub fn open(cfg: StoreConfig) -> Result<Store> {
+        cfg.validate()?;
+        let dir = cfg.data_dir.clone();
+        let index_dir = dir.join("index");
+        let seg_dir = dir.join("segments");
+        let is_new = !index_dir.join("CURRENT").exists();
+        if cfg.read_only && is_new {
+            return Err(Error::Config(format!("no store at {}", dir.display())));
+        }
+        if !cfg.read_only {
+            for d in [&dir, &seg_dir] {
+                std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+            }
+        }
+        let key = MasterKey::load(&cfg.key, &dir, is_new && !cfg.read_only)?;
+        let sub = key.subkeys();
+        let index = Arc::new(Index::open(&index_dir, cfg.read_only, &cfg.extra_column_families)?);
+        let store_id = check_meta(&index, &sub.check, is_new)?;
+        let io = pick_io(&cfg.io)?;
+        tracing::info!(io = io.name(), data = %dir.display(), "opening store");
+        let segments = Segments::new(seg_dir, io, index.clone(), store_id, cfg.segment_bytes);
+        recover_segments(&index, &segments, store_id)?;
+        if !cfg.read_only {
+            drop_pending(&index)?;
+        }
+        let next_recipe = index.meta_u64(META_NEXT_RECIPE)?.unwrap_or(1);
+        let (tx, rx) = crossbeam_channel::bounded(cfg.group_commit_requests_max * 4);
+        let inner = Arc::new(Inner {
+            cipher: ChunkCipher::new(&sub.encryption),
+            naming_key: sub.naming,
+            cfg,
+            index,
+            segments,
+            inflight: Mutex::new(HashMap::new()),
+            commit_tx: tx,
+            recipe_ids: Mutex::new((next_recipe, next_recipe)),
+        });
+        let committer = if inner.cfg.read_only {
+            None
+        } else {
+            let i2 = inner.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("orlop-commit".into())
+                    .spawn(move || commit::run(i2, rx))
+                    .map_err(|e| Error::io("committer thread", e))?,
+            )
+        };
+        Ok(Store { inner, committer })
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.cfg
+    }
+
+    pub fn io_backend(&self) -> &'static str {
+        self.inner.segments.io().name()
+    }
+
+    /// Starts a streaming write. With `expected`, the commit refuses a mismatch.
+    pub fn writer(&self, expected: Option<Digest>) -> Result<BlobWriter> {
+        BlobWriter::new(self.inner.clone(), expected)
+    }
+
+    /// Stores a whole in-memory blob (convenience over [`Store::writer`]).
+    pub fn put(&self, data: &[u8], expected: Option<Digest>) -> Result<BlobInfo> {
+        let mut w = self.writer(expected)?;
+        for piece in data.chunks(1 << 20) {
+            w.write(bytes::Bytes::copy_from_slice(piece))?;
+        }
+        w.commit()
+    }
+
+    pub fn stat(&self, digest: &Digest) -> Result<Option<BlobInfo>> {
+        Ok(self.inner.index.blob(digest)?.map(|e| BlobInfo {
+            digest: digest.clone(),
+            size: e.size,
+            chunk_count: e.chunk_count,
+            refs: e.refs,
+            created_unix_ms: e.created_unix_ms,
+        }))
+    }
+
+    /// A streaming reader over the whole blob.
+    pub fn reader(&self, digest: &Digest) -> Result<BlobReader> {
+        BlobReader::new(self.inner.clone(), digest, 0, None)
+    }
+
+    /// A streaming reader over `len` bytes from `offset` (HTTP Range).
+    pub fn range_reader(&self, digest: &Digest, offset: u64, len: u64) -> Result<BlobReader> {
+        BlobReader::new(self.inner.clone(), digest, offset, Some(len))
+    }
+
+    /// Reads a whole blob into memory (convenience).
+    pub fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let mut r = self.reader(digest)?;
+        let mut out = Vec::with_capacity(r.remaining() as usize);
+        while let Some(piece) = r.next_piece()? {
+            out.extend_from_slice(&piece);
+        }
+        Ok(out)
+    }
+
+    /// Adds one reference to a blob; returns the new count.
+    pub fn add_ref(&self, digest: &Digest) -> Result<u64> {
+        self.inner.segments.check_writable()?;
+        self.inner.request(|reply| Request::Ref { digest: digest.clone(), add: true, reply })
+    }
+
+    /// Drops one reference; at zero the blob becomes reclaimable.
+    pub fn drop_ref(&self, digest: &Digest) -> Result<u64> {
+        self.inner.segments.check_writable()?;
+        self.inner.request(|reply| Request::Ref { digest: digest.clone(), add: false, reply })
+    }
+
+    /// Reads a key from a column family registered in `extra_column_families`.
+    pub fn kv_get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let h = self.inner.index.extra_cf(cf)?;
+        Ok(self.inner.index.db().get_cf(h, key)?)
+    }
+
+    /// Applies puts (`Some`) and deletes (`None`) atomically and durably.
+    pub fn kv_write(&self, cf: &str, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
+        self.inner.segments.check_writable()?;
+        self.inner.request(|reply| Request::Kv { cf: cf.to_string(), ops, reply })
+    }
+
+    /// Shuts down cleanly: drains the committer and seals the active segment.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown(true)
+    }
+
+    /// Stops without sealing or syncing anything more (for crash simulation).
+    pub fn abandon(mut self) {
+        let _ = self.shutdown(false);
+    }
+
+    fn shutdown(&mut self, seal: bool) -> Result<()> {
+        if let Some(h) = self.committer.take() {
+            let _ = self.inner.commit_tx.send(Request::Shutdown);
+            let _ = h.join();
+            if seal {
+                return self.inner.segments.seal_active();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown(true) {
+            tracing::warn!(error = %e, "store did not close cleanly");
+        }
+    }
+}
+
+/// Checks (or, for a new store, writes) format version, store id and key check.
+fn check_meta(index: &Index, key_check: &[u8; 32], is_new: bool) -> Result<[u8; 16]> {
+    let version = index.get(CF_META, META_FORMAT_VERSION)?;
+    if version.is_none() && is_new && !index.is_read_only() {
+        let mut store_id = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut store_id)
+            .map_err(|_| Error::Config("system random generator failed".into()))?;
+        let mut b = WriteBatch::default();
+        let meta = index.cf(CF_META)?;
+        b.put_cf(meta, META_FORMAT_VERSION, INDEX_FORMAT_VERSION.to_le_bytes());
+        b.put_cf(meta, META_STORE_ID, store_id);
+        b.put_cf(meta, META_KEY_CHECK, key_check);
+        index.write_synced(b)?;
+        return Ok(store_id);
+    }
+    let v = version
+        .as_deref()
+        .and_then(|v| <[u8; 4]>::try_from(v).ok())
+        .map(u32::from_le_bytes)
+        .ok_or(Error::CorruptIndex { cf: CF_META, reason: "missing format version".into() })?;
+    if v != INDEX_FORMAT_VERSION {
+        return Err(Error::FormatVersion { found: v, supported: INDEX_FORMAT_VERSION });
+    }
+    if index.get(CF_META, META_KEY_CHECK)?.as_deref() != Some(&key_check[..]) {
+        return Err(Error::WrongKey);
+    }
+    index
+        .get(CF_META, META_STORE_ID)?
+        .and_then(|v| <[u8; 16]>::try_from(v.as_slice()).ok())
+        .ok_or(Error::CorruptIndex { cf: CF_META, reason: "missing store id".into() })
+}
+
+/// Opens every segment file; in a writable open, truncates torn tails and
+/// seals segments left unsealed by a crash (they are never appended to again).
+fn recover_segments(index: &Index, segs: &Segments, store_id: [u8; 16]) -> Result<()> {
+    let ro = index.is_read_only();
+    let mut known: HashMap<SegmentId, SegmentEntry> = HashMap::new();
+    for kv in index.scan(CF_SEGMENTS)? {
+        let (k, v) = kv?;
+        let id = SegmentId(codec::u64_be(&k).ok_or(Error::CorruptIndex { cf: CF_SEGMENTS, reason: "bad key".into() })?);
+        known.insert(id, SegmentEntry::decode(&v)?);
+    }
+    let mut max_id = 0;
+    let entries = std::fs::read_dir(segs.dir()).map_err(|e| Error::io(segs.dir(), e))?;
+    let mut batch = WriteBatch::default();
+    for ent in entries {
+        let ent = ent.map_err(|e| Error::io(segs.dir(), e))?;
+        let Some(id) = ent.file_name().to_str().and_then(SegmentId::parse_file_name) else {
+            continue;
+        };
+        max_id = max_id.max(id.0);
+        let path = ent.path();
+        let mode = if ro { OpenMode::ReadOnly } else { OpenMode::ReadWrite };
+        let file = segs.io().open(&path, mode).map_err(|e| Error::io(&path, e))?;
+        let scan = scan_unsealed(&*file).map_err(|e| Error::io(&path, e))?;
+        let header = scan.header.clone().map_err(|reason| Error::CorruptSegment { segment: id, reason })?;
+        if header.segment != id || header.store_id != store_id {
+            return Err(Error::CorruptSegment { segment: id, reason: "header names another segment or store".into() });
+        }
+        let durable = known.remove(&id).map(|e| e.durable_len).unwrap_or(0);
+        if scan.data_end < durable {
+            if ro {
+                tracing::error!(segment = %id, durable, found = scan.data_end, "segment lost acknowledged data");
+                segs.register(id, file);
+                continue;
+            }
+            return Err(Error::DurableDataLost { segment: id, durable, found: scan.data_end });
+        }
+        if ro || scan.footer.is_some() {
+            segs.register(id, file);
+            continue;
+        }
+        let cf = index.cf(CF_SEGMENTS)?;
+        if scan.data_end <= HEADER_BYTES {
+            drop(file);
+            segs.io().remove(&path).map_err(|e| Error::io(&path, e))?;
+            batch.delete_cf(cf, id.0.to_be_bytes());
+            tracing::info!(segment = %id, "removed an empty segment left by a crash");
+            continue;
+        }
+        if scan.file_len > scan.data_end {
+            tracing::warn!(segment = %id, torn_bytes = scan.file_len - scan.data_end, "truncating a torn segment tail");
+        }
+        let footer = crate::segment::format::SegmentFooter {
+            segment: id,
+            data_end: scan.data_end,
+            record_count: scan.record_count,
+            data_crc: scan.data_crc,
+        };
+        seal_file(&*file, header.segment_bytes, &footer).map_err(|e| Error::io(&path, e))?;
+        batch.put_cf(cf, id.0.to_be_bytes(), SegmentEntry { sealed: true, durable_len: scan.data_end }.encode());
+        segs.register(id, file);
+    }
+    for (id, e) in known {
+        if e.durable_len > HEADER_BYTES {
+            if ro {
+                tracing::error!(segment = %id, "segment file is missing");
+                continue;
+            }
+            return Err(Error::SegmentMissing(id));
+        }
+        if !ro {
+            batch.delete_cf(index.cf(CF_SEGMENTS)?, id.0.to_be_bytes());
+        }
+    }
+    if !ro {
+        let next = index.meta_u64(META_NEXT_SEGMENT)?.unwrap_or(1).max(max_id + 1);
+        batch.put_cf(index.cf(CF_META)?, META_NEXT_SEGMENT, next.to_le_bytes());
+        index.write_synced(batch)?;
+        segs.io().sync_dir(segs.dir()).map_err(|e| Error::io(segs.dir(), e))?;
+    }
+    Ok(())
+}
+
+/// Deletes the recipes and staged placements of writes that never committed.
+fn drop_pending(index: &Index) -> Result<()> {
+    let mut batch = WriteBatch::default();
+    let mut n = 0;
+    for kv in index.scan(CF_PENDING)? {
+        let (k, _) = kv?;
+        let Some(r) = codec::u64_be(&k) else { continue };
+        let to = r.checked_add(1).map(|n| n.to_be_bytes()).unwrap_or([0xff; 8]);
+        batch.delete_range_cf(index.cf(CF_RECIPES)?, &k[..8], &to[..]);
+        batch.delete_range_cf(index.cf(CF_STAGED)?, &k[..8], &to[..]);
+        batch.delete_cf(index.cf(CF_PENDING)?, &k);
+        n += 1;
+    }
+    if n > 0 {
+        index.write_synced(batch)?;
+        tracing::info!(writes = n, "discarded uncommitted writes from before a restart");
+    }
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn f<T: Send + Sync>() {}
+    f::<Store>();
+}

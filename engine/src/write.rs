@@ -1,0 +1,255 @@
+//! The write path: a blob arrives as pieces; the caller's thread computes its
+//! SHA-256 while a worker thread cuts chunks, names them, deduplicates,
+//! compresses, encrypts and appends them, spilling the recipe to the index in
+//! parts. Memory is bounded by the pipeline depth, the chunker window and one
+//! recipe part, whatever the blob's size.
+
+use crate::chunker::Chunker;
+use crate::commit::Request;
+use crate::compress::Compressor;
+use crate::error::{Error, Result};
+use crate::ids::{Digest, DigestAlgorithm, RecipeId};
+use crate::index::codec::{recipe_key, recipe_prefix, staged_key, RecipeEntry, RecipePart, RECIPE_PART_ENTRIES};
+use crate::index::{CF_PENDING, CF_RECIPES, CF_STAGED};
+use crate::segment::format::FLAG_ZSTD;
+use crate::segment::PreparedChunk;
+use crate::store::{now_unix_ms, BlobInfo, Inner, INFLIGHT_CHUNKS_MAX};
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use rocksdb::WriteBatch;
+use sha2::Digest as _;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub(crate) enum Hasher {
+    Sha256(sha2::Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    pub fn new(alg: DigestAlgorithm) -> Self {
+        match alg {
+            DigestAlgorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            DigestAlgorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+    pub fn update(&mut self, b: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(b),
+            Hasher::Sha512(h) => h.update(b),
+        }
+    }
+    pub fn finish(self) -> Result<Digest> {
+        match self {
+            Hasher::Sha256(h) => Digest::new(DigestAlgorithm::Sha256, &h.finalize()),
+            Hasher::Sha512(h) => Digest::new(DigestAlgorithm::Sha512, &h.finalize()),
+        }
+    }
+}
+
+/// Counters from the chunking worker.
+#[derive(Default, Debug, Clone, Copy)]
+struct WorkerSummary {
+    chunks: u64,
+    bytes: u64,
+}
+
+/// A blob being written. Call [`BlobWriter::commit`] to make it durable and
+/// visible; dropping it (or [`BlobWriter::abort`]) discards it.
+pub struct BlobWriter {
+    inner: Arc<Inner>,
+    recipe: RecipeId,
+    hasher: Option<Hasher>,
+    expected: Option<Digest>,
+    size: u64,
+    tx: Option<Sender<Bytes>>,
+    worker: Option<JoinHandle<Result<WorkerSummary>>>,
+    finished: bool,
+}
+
+impl BlobWriter {
+    pub(crate) fn new(inner: Arc<Inner>, expected: Option<Digest>) -> Result<Self> {
+        inner.segments.check_writable()?;
+        let recipe = inner.next_recipe_id()?;
+        let mut b = WriteBatch::default();
+        b.put_cf(inner.index.cf(CF_PENDING)?, recipe_prefix(recipe), now_unix_ms().to_le_bytes());
+        inner.index.write_unsynced(b)?;
+        let alg = expected.as_ref().map(|d| d.algorithm()).unwrap_or(DigestAlgorithm::Sha256);
+        let hasher = Hasher::new(alg);
+        let (tx, rx) = crossbeam_channel::bounded(inner.cfg.write_pipeline_pieces_max);
+        let i2 = inner.clone();
+        let worker = std::thread::Builder::new()
+            .name("orlop-chunker".into())
+            .spawn(move || chunk_worker(i2, recipe, rx))
+            .map_err(|e| Error::io("chunker thread", e))?;
+        Ok(BlobWriter {
+            inner,
+            recipe,
+            hasher: Some(hasher),
+            expected,
+            size: 0,
+            tx: Some(tx),
+            worker: Some(worker),
+            finished: false,
+        })
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a piece. Blocks when the pipeline is full (backpressure).
+    pub fn write(&mut self, piece: Bytes) -> Result<()> {
+        if piece.is_empty() {
+            return Ok(());
+        }
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&piece);
+        }
+        self.size += piece.len() as u64;
+        let sent = self.tx.as_ref().map(|tx| tx.send(piece).is_ok()).unwrap_or(false);
+        if !sent {
+            // The worker stopped early: report its error.
+            self.tx = None;
+            return Err(self.join_worker().err().unwrap_or(Error::ShuttingDown));
+        }
+        Ok(())
+    }
+
+    fn join_worker(&mut self) -> Result<WorkerSummary> {
+        self.tx = None;
+        match self.worker.take() {
+            Some(h) => h.join().map_err(|_| Error::Config("chunker thread panicked".into()))?,
+            None => Err(Error::ShuttingDown),
+        }
+    }
+
+    /// Finishes the blob: checks the digest, then commits it durably.
+    pub fn commit(mut self) -> Result<BlobInfo> {
+        self.finished = true;
+        let summary = match self.join_worker() {
+            Ok(s) => s,
+            Err(e) => {
+                self.discard();
+                return Err(e);
+            }
+        };
+        let actual = match self.hasher.take() {
+            Some(h) => h.finish()?,
+            None => return Err(Error::ShuttingDown),
+        };
+        if let Some(expected) = &self.expected {
+            if *expected != actual {
+                self.discard();
+                return Err(Error::DigestMismatch { expected: expected.clone(), actual });
+            }
+        }
+        if summary.bytes != self.size {
+            self.discard();
+            return Err(Error::SizeMismatch { expected: self.size, actual: summary.bytes });
+        }
+        let (recipe, size, chunk_count) = (self.recipe, self.size, summary.chunks);
+        let digest = actual.clone();
+        let e = self.inner.request(|reply| Request::Commit {
+            recipe,
+            digest,
+            size,
+            chunk_count,
+            created_unix_ms: now_unix_ms(),
+            reply,
+        })?;
+        Ok(BlobInfo { digest: actual, size: e.size, chunk_count: e.chunk_count, refs: e.refs, created_unix_ms: e.created_unix_ms })
+    }
+
+    /// Discards the blob; its staged data becomes reclaimable.
+    pub fn abort(mut self) {
+        self.finished = true;
+        let _ = self.join_worker();
+        self.discard();
+    }
+
+    fn discard(&self) {
+        let recipe = self.recipe;
+        if let Err(e) = self.inner.request(|reply| Request::Abort { recipe, reply }) {
+            tracing::debug!(error = %e, recipe = recipe.0, "abort not recorded; the next open discards it");
+        }
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            let _ = self.join_worker();
+            self.discard();
+        }
+    }
+}
+
+struct RecipeSpill {
+    recipe: RecipeId,
+    part_no: u32,
+    part: RecipePart,
+    batch: WriteBatch,
+}
+
+impl RecipeSpill {
+    fn flush(&mut self, inner: &Inner) -> Result<()> {
+        if self.part.entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.put_cf(inner.index.cf(CF_RECIPES)?, recipe_key(self.recipe, self.part_no), self.part.encode());
+        inner.index.write_unsynced(batch)?;
+        self.part_no += 1;
+        let end = self.part.end();
+        self.part = RecipePart { start: end, entries: Vec::with_capacity(RECIPE_PART_ENTRIES) };
+        Ok(())
+    }
+}
+
+fn chunk_worker(inner: Arc<Inner>, recipe: RecipeId, rx: Receiver<Bytes>) -> Result<WorkerSummary> {
+    let mut chunker = Chunker::new(inner.cfg.chunk);
+    let mut comp = Compressor::new(inner.cfg.zstd_level).map_err(|e| Error::io("zstd", e))?;
+    let mut spill = RecipeSpill { recipe, part_no: 0, part: RecipePart::default(), batch: WriteBatch::default() };
+    let mut sum = WorkerSummary::default();
+    let staged_cf = inner.index.cf(CF_STAGED)?;
+    let mut emit = |chunk: Bytes| -> Result<()> {
+        let id = inner.chunk_id(&chunk);
+        let raw_len = chunk.len() as u32;
+        if inner.index.chunk(&id)?.is_none() {
+            let shared = inner.inflight.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|v| v.0);
+            let loc = match shared {
+                Some(loc) => loc,
+                None => {
+                    let (flags, body) = match comp.maybe_compress(&chunk) {
+                        Some(z) => (FLAG_ZSTD, z),
+                        None => (0, chunk.to_vec()),
+                    };
+                    let loc = inner.segments.append(&inner.cipher, PreparedChunk { id, flags, raw_len, body })?;
+                    let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                    if fl.len() < INFLIGHT_CHUNKS_MAX {
+                        fl.entry(id).or_insert((loc, recipe));
+                    }
+                    loc
+                }
+            };
+            spill.batch.put_cf(staged_cf, staged_key(recipe, &id), loc.encode());
+        }
+        spill.part.entries.push(RecipeEntry { chunk: id, raw_len });
+        sum.chunks += 1;
+        sum.bytes += raw_len as u64;
+        if spill.part.entries.len() >= RECIPE_PART_ENTRIES {
+            spill.flush(&inner)?;
+        }
+        Ok(())
+    };
+    while let Ok(piece) = rx.recv() {
+        chunker.push(&piece, &mut emit)?;
+    }
+    chunker.finish(&mut emit)?;
+    drop(emit);
+    spill.flush(&inner)?;
+    Ok(sum)
+}

@@ -1,0 +1,52 @@
+#![allow(dead_code)]
+use orlop_engine::io::FaultIo;
+use orlop_engine::{ChunkParams, IoBackend, KeySource, Store, StoreConfig};
+use rand::{RngCore, SeedableRng};
+use std::path::Path;
+use std::sync::Arc;
+
+pub const KEY: [u8; 32] = [7; 32];
+
+/// Small chunks and segments so that tests cross every boundary.
+pub fn small_config(dir: &Path) -> StoreConfig {
+    let mut c = StoreConfig::new(dir);
+    c.key = KeySource::Bytes(KEY);
+    c.chunk = ChunkParams { min_bytes: 512, avg_bytes: 2048, max_bytes: 8192 };
+    c.segment_bytes = 64 * 1024;
+    c.io = IoBackend::Pread;
+    c
+}
+
+pub fn fault_config(dir: &Path, io: &FaultIo) -> StoreConfig {
+    let mut c = small_config(dir);
+    c.io = IoBackend::Custom(Arc::new(io.clone()));
+    c
+}
+
+pub fn open(c: &StoreConfig) -> Store {
+    Store::open(c.clone()).unwrap_or_else(|e| panic!("open: {e}"))
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rngs::SmallRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// Compressible, text-like bytes.
+pub fn text(seed: u64, len: usize) -> Vec<u8> {
+    let words = ["layer ", "usr/lib ", "debian ", "orlop ", "\n", "chunk ", "0000 ", "config "];
+    let mut r = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut v = Vec::with_capacity(len + 16);
+    while v.len() < len {
+        v.extend_from_slice(words[(r.next_u32() % 8) as usize].as_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn assert_clean(s: &Store) {
+    let r = s.verify().unwrap_or_else(|e| panic!("verify: {e}"));
+    assert!(r.is_clean(), "verify found problems: {:#?}", r.problems);
+}

@@ -1,0 +1,147 @@
+//! `orlop`: the operator's command.
+
+mod fsck;
+mod stats;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use orlop_engine::{Digest, KeySource, MasterKey, Store, StoreConfig};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "orlop", version, about = "Orlop: an on-prem container registry on its own storage engine")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub struct StoreArgs {
+    /// Data directory of the store.
+    #[arg(long, default_value = "./data", env = "ORLOP_DATA")]
+    pub data: PathBuf,
+    /// Key file (default: <data>/store.key, created with mode 0600 on first use).
+    #[arg(long, env = "ORLOP_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Take the key (hex) from this environment variable instead of a file.
+    #[arg(long, conflicts_with = "key_file")]
+    pub key_env: Option<String>,
+}
+
+impl StoreArgs {
+    pub fn config(&self) -> StoreConfig {
+        let mut cfg = StoreConfig::new(&self.data);
+        cfg.key = match (&self.key_file, &self.key_env) {
+            (Some(f), _) => KeySource::File(f.clone()),
+            (None, Some(var)) => KeySource::Env(var.clone()),
+            (None, None) => KeySource::Default,
+        };
+        cfg
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a store (and its key) under --data.
+    Init {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Store a file (or stdin with "-") as a blob and print its digest.
+    Put {
+        #[command(flatten)]
+        store: StoreArgs,
+        file: PathBuf,
+        /// Refuse to commit unless the content has this digest.
+        #[arg(long)]
+        digest: Option<String>,
+    },
+    /// Write a blob to stdout (or --out).
+    Get {
+        #[command(flatten)]
+        store: StoreArgs,
+        digest: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check every chunk, blob, reference count and segment. Exit 0 only when clean.
+    Fsck(fsck::FsckArgs),
+    /// Blobs, chunks, bytes, dedupe and compression ratios, segment live ratios.
+    Stats(stats::StatsArgs),
+    /// Generate a new random store key file (mode 0600).
+    Keygen { path: PathBuf },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ORLOP_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Init { store } => {
+            let s = Store::open(store.config()).context("opening store")?;
+            println!("store ready at {} (segment I/O: {})", store.data.display(), s.io_backend());
+            s.close()?;
+            Ok(0)
+        }
+        Cmd::Put { store, file, digest } => {
+            let expected = digest.map(|d| d.parse::<Digest>()).transpose()?;
+            let s = Store::open(store.config())?;
+            let mut input: Box<dyn Read> = if file.as_os_str() == "-" {
+                Box::new(std::io::stdin())
+            } else {
+                Box::new(std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?)
+            };
+            let mut w = s.writer(expected)?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = input.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                w.write(bytes::Bytes::copy_from_slice(&buf[..n]))?;
+            }
+            let info = w.commit()?;
+            println!("{} {}", info.digest, info.size);
+            s.close()?;
+            Ok(0)
+        }
+        Cmd::Get { store, digest, out } => {
+            let d: Digest = digest.parse()?;
+            let mut cfg = store.config();
+            cfg.read_only = true;
+            let s = Store::open(cfg)?;
+            let mut r = s.reader(&d)?;
+            let mut sink: Box<dyn Write> = match out {
+                Some(p) => Box::new(std::fs::File::create(&p)?),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            while let Some(piece) = r.next_piece()? {
+                sink.write_all(&piece)?;
+            }
+            sink.flush()?;
+            Ok(0)
+        }
+        Cmd::Fsck(a) => fsck::run(a),
+        Cmd::Stats(a) => stats::run(a),
+        Cmd::Keygen { path } => {
+            MasterKey::generate()?.write_file(&path)?;
+            println!("wrote a new key to {} (mode 0600)", path.display());
+            Ok(0)
+        }
+    }
+}
