@@ -311,11 +311,23 @@ fn recover_segments(index: &Index, segs: &Segments, store_id: [u8; 16]) -> Resul
         let mode = if ro { OpenMode::ReadOnly } else { OpenMode::ReadWrite };
         let file = segs.io().open(&path, mode).map_err(|e| Error::io(&path, e))?;
         let scan = scan_unsealed(&*file).map_err(|e| Error::io(&path, e))?;
-        let header = scan.header.clone().map_err(|reason| Error::CorruptSegment { segment: id, reason })?;
+        let durable = known.remove(&id).map(|e| e.durable_len).unwrap_or(0);
+        let header = match scan.header.clone() {
+            Ok(h) => h,
+            // A segment created just before a crash, never committed to: nothing
+            // can point into it, so a torn header only means it is empty.
+            Err(reason) if durable == 0 && !ro => {
+                tracing::warn!(segment = %id, %reason, "removing a segment with a torn header and no committed data");
+                drop(file);
+                segs.io().remove(&path).map_err(|e| Error::io(&path, e))?;
+                batch.delete_cf(index.cf(CF_SEGMENTS)?, id.0.to_be_bytes());
+                continue;
+            }
+            Err(reason) => return Err(Error::CorruptSegment { segment: id, reason }),
+        };
         if header.segment != id || header.store_id != store_id {
             return Err(Error::CorruptSegment { segment: id, reason: "header names another segment or store".into() });
         }
-        let durable = known.remove(&id).map(|e| e.durable_len).unwrap_or(0);
         if scan.data_end < durable {
             if ro {
                 tracing::error!(segment = %id, durable, found = scan.data_end, "segment lost acknowledged data");

@@ -197,7 +197,7 @@ mod tests {
         rec.extend_from_slice(payload);
         assert!(RecordHeader::checksum_ok(&rec));
         assert_eq!(RecordHeader::decode(&rec), Some(r));
-        rec[70] ^= 0x10;
+        rec[66] ^= 0x10;
         assert!(!RecordHeader::checksum_ok(&rec));
         let f = SegmentFooter { segment: SegmentId(7), data_end: 100, record_count: 2, data_crc: 9 };
         assert_eq!(SegmentFooter::decode(&f.encode()), Some(f));

@@ -189,7 +189,7 @@ impl Segments {
             store_id: self.store_id,
             segment_bytes: self.segment_bytes,
         };
-        file.write_at(&header.encode(), 0).map_err(fail)?;
+        file.write_at(&header.encode(), 0).and_then(|_| file.sync()).map_err(fail)?;
         self.io.sync_dir(&self.dir).map_err(fail)?;
         self.register(id, file.clone());
         tracing::debug!(segment = %id, "opened a new segment");
