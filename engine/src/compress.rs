@@ -24,8 +24,9 @@ impl Compressor {
         })
     }
 
-    /// Returns the compressed form when it is worth keeping, else None.
-    pub fn maybe_compress(&mut self, raw: &[u8]) -> Option<Vec<u8>> {
+    /// Returns the compressed form, after `headroom` zero bytes, when it is
+    /// worth keeping, else None.
+    pub fn maybe_compress(&mut self, raw: &[u8], headroom: usize) -> Option<Vec<u8>> {
         if raw.len() < 512 {
             return None;
         }
@@ -39,11 +40,16 @@ impl Compressor {
                 return None;
             }
         }
-        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
-        let n = self.full.compress_to_buffer(raw, &mut out).ok()?;
+        self.scratch.clear();
+        self.scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        let n = self.full.compress_to_buffer(raw, &mut self.scratch).ok()?;
         if n + raw.len() * SAVE_MIN_32THS / 32 > raw.len() {
             return None;
         }
+        // `headroom` bytes in front for the record header, room for the tag behind.
+        let mut out = Vec::with_capacity(headroom + n + 16);
+        out.resize(headroom, 0);
+        out.extend_from_slice(&self.scratch[..n]);
         Some(out)
     }
 }
@@ -72,12 +78,12 @@ mod tests {
             .take(64 * 1024)
             .copied()
             .collect();
-        let z = c.maybe_compress(&text).unwrap_or_else(|| panic!("text should compress"));
+        let z = c.maybe_compress(&text, 0).unwrap_or_else(|| panic!("text should compress"));
         assert!(z.len() < text.len() / 4);
         assert_eq!(decompress(&z, text.len()).as_deref(), Some(&text[..]));
         assert!(decompress(&z, text.len() + 1).is_none());
         let mut noise = vec![0u8; 64 * 1024];
         rand::rngs::SmallRng::seed_from_u64(1).fill_bytes(&mut noise);
-        assert!(c.maybe_compress(&noise).is_none());
+        assert!(c.maybe_compress(&noise, 0).is_none());
     }
 }

@@ -44,23 +44,27 @@ impl ChunkCipher {
         }
     }
 
-    /// Encrypts `buf` in place and appends the 16-byte tag.
-    pub fn seal(
+    /// Encrypts `buf` in place and returns the 16-byte tag.
+    pub fn seal_detached(
         &self,
         nonce: [u8; NONCE_BYTES],
         kind: u8,
         flags: u8,
         raw_len: u32,
         id: &ChunkId,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), ()> {
-        self.key
-            .seal_in_place_append_tag(
+        buf: &mut [u8],
+    ) -> Result<[u8; TAG_BYTES], ()> {
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(aad(kind, flags, raw_len, id)),
                 buf,
             )
-            .map_err(|_| ())
+            .map_err(|_| ())?;
+        let mut t = [0u8; TAG_BYTES];
+        t.copy_from_slice(tag.as_ref());
+        Ok(t)
     }
 
     /// Authenticates and decrypts `buf` (ciphertext ‖ tag) in place; returns the plaintext length.
@@ -94,7 +98,8 @@ mod tests {
         let id = ChunkId([9; 32]);
         let n = nonce_for(SegmentId(3), 64);
         let mut buf = b"hello chunk".to_vec();
-        c.seal(n, 1, 0, 11, &id, &mut buf).unwrap_or_else(|_| panic!("seal"));
+        let tag = c.seal_detached(n, 1, 0, 11, &id, &mut buf).unwrap_or_else(|_| panic!("seal"));
+        buf.extend_from_slice(&tag);
         assert_eq!(buf.len(), 11 + TAG_BYTES);
         let mut copy = buf.clone();
         let len = c.open(n, 1, 0, 11, &id, &mut copy).unwrap_or_else(|_| panic!("open"));

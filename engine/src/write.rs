@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::ids::{Digest, DigestAlgorithm, RecipeId};
 use crate::index::codec::{recipe_key, recipe_prefix, staged_key, RecipeEntry, RecipePart, RECIPE_PART_ENTRIES};
 use crate::index::{CF_PENDING, CF_RECIPES, CF_STAGED};
-use crate::segment::format::FLAG_ZSTD;
+use crate::segment::format::{FLAG_ZSTD, RECORD_HEADER_BYTES};
 use crate::segment::PreparedChunk;
 use crate::store::{now_unix_ms, BlobInfo, Inner, INFLIGHT_CHUNKS_MAX};
 use bytes::Bytes;
@@ -223,11 +223,11 @@ fn chunk_worker(inner: Arc<Inner>, recipe: RecipeId, rx: Receiver<Bytes>) -> Res
             let loc = match shared {
                 Some(loc) => loc,
                 None => {
-                    let (flags, body) = match comp.maybe_compress(&chunk) {
+                    let (flags, record) = match comp.maybe_compress(&chunk, RECORD_HEADER_BYTES) {
                         Some(z) => (FLAG_ZSTD, z),
-                        None => (0, chunk.to_vec()),
+                        None => (0, PreparedChunk::buffer(&chunk)),
                     };
-                    let loc = inner.segments.append(&inner.cipher, PreparedChunk { id, flags, raw_len, body })?;
+                    let loc = inner.segments.append(&inner.cipher, PreparedChunk { id, flags, raw_len, record })?;
                     let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
                     if fl.len() < INFLIGHT_CHUNKS_MAX {
                         fl.entry(id).or_insert((loc, recipe));

@@ -196,7 +196,7 @@ fn run(ops: Vec<Op>, seed: u64) {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: std::env::var("ORLOP_MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+        cases: std::env::var("ORLOP_MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000),
         max_shrink_iters: 2000,
         ..ProptestConfig::default()
     })]

@@ -33,7 +33,7 @@ fn acknowledged_writes_survive_sigkill() {
             .unwrap_or_else(|e| panic!("spawn: {e}"));
         let stdout = child.stdout.take().unwrap_or_else(|| panic!("stdout"));
         let reader = std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
-        std::thread::sleep(Duration::from_millis(rng.gen_range(30..400)));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(20..250)));
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap_or_else(|e| panic!("{e}"));
         killed_mid_run += (status.code().is_none()) as u32;

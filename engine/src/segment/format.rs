@@ -7,7 +7,7 @@
 //! record   = magic:u32 kind:u8 flags:u8 reserved:u16 payload_len:u32 raw_len:u32
 //!            chunk_id:[32] nonce:[12] crc32c:u32 payload:[payload_len]
 //! footer   = "ORLOPEND" version:u32 reserved:u32 segment_id:u64 data_end:u64
-//!            record_count:u64 data_crc32c:u32 reserved:[16] crc32c:u32
+//!            record_count:u64 records_crc32c:u32 reserved:[16] crc32c:u32
 //! ```
 
 use crate::crypto::NONCE_BYTES;
@@ -135,6 +135,12 @@ impl RecordHeader {
             && crc32c::crc32c_append(crc32c::crc32c(&record[..60]), &record[RECORD_HEADER_BYTES..])
                 == le_u32(record, 60)
     }
+}
+
+/// Folds one record's CRC (header bytes 60..64) into the footer's running
+/// checksum: CRC32C over the sequence of record CRCs, each as u32 LE.
+pub fn chain_record_crc(acc: u32, record_header: &[u8]) -> u32 {
+    crc32c::crc32c_append(acc, &record_header[60..64])
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -38,12 +38,23 @@ pub(crate) struct Segments {
     poisoned: AtomicBool,
 }
 
-/// A chunk ready to append: plaintext or compressed bytes, not yet encrypted.
+/// A chunk ready to append: `RECORD_HEADER_BYTES` of headroom followed by
+/// its plaintext or compressed bytes, not yet encrypted.
 pub(crate) struct PreparedChunk {
     pub id: ChunkId,
     pub flags: u8,
     pub raw_len: u32,
-    pub body: Vec<u8>,
+    pub record: Vec<u8>,
+}
+
+impl PreparedChunk {
+    /// A record buffer with header headroom and room for the tag.
+    pub fn buffer(body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(RECORD_HEADER_BYTES + body.len() + TAG_BYTES);
+        v.resize(RECORD_HEADER_BYTES, 0);
+        v.extend_from_slice(body);
+        v
+    }
 }
 
 impl Segments {
@@ -119,9 +130,11 @@ impl Segments {
     }
 
     /// Encrypts and appends one chunk record; returns where it landed.
+    /// `chunk.record` holds `RECORD_HEADER_BYTES` of headroom, then the body.
     pub fn append(&self, cipher: &ChunkCipher, mut chunk: PreparedChunk) -> Result<Location> {
         self.check_writable()?;
-        let record_len = RECORD_HEADER_BYTES as u64 + chunk.body.len() as u64 + TAG_BYTES as u64;
+        let body_len = chunk.record.len().saturating_sub(RECORD_HEADER_BYTES);
+        let record_len = (RECORD_HEADER_BYTES + body_len + TAG_BYTES) as u64;
         let mut guard = self.active.lock().unwrap_or_else(|p| p.into_inner());
         let full = match guard.as_ref() {
             None => true,
@@ -136,27 +149,30 @@ impl Segments {
         let a = guard.as_mut().ok_or(Error::Poisoned)?;
         let offset = a.offset as u32;
         let nonce = nonce_for(a.id, offset);
-        cipher
-            .seal(nonce, format::KIND_CHUNK, chunk.flags, chunk.raw_len, &chunk.id, &mut chunk.body)
+        // Encrypt in place after the headroom; the nonce depends on the offset,
+        // so this happens under the append lock (AES-GCM runs at GB/s).
+        let tag = cipher
+            .seal_detached(nonce, format::KIND_CHUNK, chunk.flags, chunk.raw_len, &chunk.id, &mut chunk.record[RECORD_HEADER_BYTES..])
             .map_err(|_| Error::Config("AEAD seal failed".into()))?;
+        chunk.record.extend_from_slice(&tag);
         let header = RecordHeader {
             kind: format::KIND_CHUNK,
             flags: chunk.flags,
-            payload_len: chunk.body.len() as u32,
+            payload_len: (body_len + TAG_BYTES) as u32,
             raw_len: chunk.raw_len,
             chunk: chunk.id,
             nonce,
         };
-        let mut record = Vec::with_capacity(record_len as usize);
-        record.extend_from_slice(&header.encode(&chunk.body));
-        record.extend_from_slice(&chunk.body);
-        if let Err(e) = a.file.write_at(&record, a.offset) {
+        let (head, payload) = chunk.record.split_at_mut(RECORD_HEADER_BYTES);
+        let encoded = header.encode(payload);
+        head.copy_from_slice(&encoded);
+        if let Err(e) = a.file.write_at(&chunk.record, a.offset) {
             self.poison(&e);
             return Err(Error::io(self.path_of(a.id), e));
         }
-        a.offset += record.len() as u64;
+        a.offset += record_len;
         a.record_count += 1;
-        a.data_crc = crc32c::crc32c_append(a.data_crc, &record);
+        a.data_crc = format::chain_record_crc(a.data_crc, &encoded);
         Ok(Location {
             segment: a.id,
             offset,

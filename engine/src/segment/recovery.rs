@@ -93,7 +93,7 @@ fn scan(
             break;
         }
         visit(off, &r);
-        res.data_crc = crc32c::crc32c_append(res.data_crc, &record);
+        res.data_crc = super::format::chain_record_crc(res.data_crc, &record);
         res.record_count += 1;
         off = end;
     }
