@@ -129,7 +129,14 @@ fn process(inner: &Inner, group: Vec<Request>) {
             Request::Shutdown => {}
         }
     }
-    let written = finish_batch(index, &ov, &mut batch, durable).and_then(|_| index.write_synced(batch));
+    let written = {
+        let _meta = inner.segments.meta_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.segments.is_poisoned() {
+            Err(Error::Poisoned)
+        } else {
+            finish_batch(index, &ov, &mut batch, durable).and_then(|_| index.write_synced(batch))
+        }
+    };
     if let Err(e) = &written {
         inner.segments.poison(e);
     } else {
@@ -173,15 +180,14 @@ fn finish_batch(index: &Index, ov: &Overlay, batch: &mut WriteBatch, durable: Op
     for (d, e) in &ov.blobs {
         batch.put_cf(blobs, d.to_key(), e.encode());
     }
-    if let Some((seg, len)) = durable {
-        let prev = index.segment(seg)?;
-        if !prev.map(|p| p.sealed).unwrap_or(false) {
-            batch.put_cf(
-                index.cf(CF_SEGMENTS)?,
-                seg.0.to_be_bytes(),
-                SegmentEntry { sealed: false, durable_len: len }.encode(),
-            );
-        }
+    // The caller holds the segments' meta lock, under which sealing records
+    // its entry too: a sealed entry read here stays sealed.
+    if let Some((seg, len)) = durable.filter(|(seg, _)| !matches!(index.segment(*seg), Ok(Some(e)) if e.sealed)) {
+        batch.put_cf(
+            index.cf(CF_SEGMENTS)?,
+            seg.0.to_be_bytes(),
+            SegmentEntry { sealed: false, durable_len: len }.encode(),
+        );
     }
     Ok(())
 }

@@ -25,7 +25,6 @@ impl std::fmt::Debug for MasterKey {
 
 pub(crate) struct Subkeys {
     pub naming: [u8; 32],
-    pub encryption: [u8; 32],
     pub check: [u8; 32],
 }
 
@@ -59,9 +58,18 @@ impl MasterKey {
     pub(crate) fn subkeys(&self) -> Subkeys {
         Subkeys {
             naming: blake3::derive_key("orlop 2026-11 chunk naming key v1", &self.0),
-            encryption: blake3::derive_key("orlop 2026-11 chunk encryption key v1", &self.0),
             check: blake3::derive_key("orlop 2026-11 key check value v1", &self.0),
         }
+    }
+
+    /// The chunk encryption key of one store. Mixing in the store id keeps two
+    /// stores that share a master key from ever encrypting under the same
+    /// (key, nonce) pair, since both number segments from 1.
+    pub(crate) fn encryption_key(&self, store_id: &[u8; 16]) -> [u8; 32] {
+        let mut material = [0u8; 48];
+        material[..32].copy_from_slice(&self.0);
+        material[32..].copy_from_slice(store_id);
+        blake3::derive_key("orlop 2026-11 chunk encryption key v1", &material)
     }
 
     /// Resolves a key source, creating a key file when the source is a file
@@ -126,8 +134,9 @@ mod tests {
         let p = MasterKey::parse(&k.to_text()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.0, k.0);
         let s = k.subkeys();
-        assert_ne!(s.naming, s.encryption);
         assert_ne!(s.naming, s.check);
+        assert_ne!(k.encryption_key(&[1; 16]), k.encryption_key(&[2; 16]));
+        assert_ne!(k.encryption_key(&[1; 16]), s.naming);
         assert!(MasterKey::parse("abcd").is_err());
     }
 

@@ -120,11 +120,22 @@ impl BlobReader {
     fn seek_part(&mut self) -> Result<()> {
         loop {
             let Some(part) = self.load_part()? else { return Ok(()) };
+            if part.start != self.queue_pos {
+                return Err(self.gap(part.start));
+            }
+            self.queue_pos = part.end();
             if part.end() > self.pos || part.entries.is_empty() {
                 self.queue_pos = part.start;
                 self.queue = part.entries.into();
                 return Ok(());
             }
+        }
+    }
+
+    fn gap(&self, start: u64) -> Error {
+        Error::CorruptIndex {
+            cf: CF_RECIPES,
+            reason: format!("recipe {} part {} starts at {start}, expected {}", self.entry.recipe.0, self.next_part - 1, self.queue_pos),
         }
     }
 
@@ -141,7 +152,9 @@ impl BlobReader {
             let Some(e) = self.queue.pop_front() else {
                 match self.load_part()? {
                     Some(p) => {
-                        self.queue_pos = p.start;
+                        if p.start != self.queue_pos {
+                            return Err(self.gap(p.start));
+                        }
                         self.queue = p.entries.into();
                         continue;
                     }

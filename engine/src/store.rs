@@ -123,7 +123,7 @@ impl Store {
         let next_recipe = index.meta_u64(META_NEXT_RECIPE)?.unwrap_or(1);
         let (tx, rx) = crossbeam_channel::bounded(cfg.group_commit_requests_max * 4);
         let inner = Arc::new(Inner {
-            cipher: ChunkCipher::new(&sub.encryption),
+            cipher: ChunkCipher::new(&key.encryption_key(&store_id)),
             naming_key: sub.naming,
             cfg,
             index,
@@ -195,7 +195,7 @@ impl Store {
     /// Reads a whole blob into memory (convenience).
     pub fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
         let mut r = self.reader(digest)?;
-        let mut out = Vec::with_capacity(r.remaining() as usize);
+        let mut out = Vec::with_capacity(r.remaining().min(64 << 20) as usize);
         while let Some(piece) = r.next_piece()? {
             out.extend_from_slice(&piece);
         }
@@ -323,8 +323,16 @@ fn recover_segments(index: &Index, segs: &Segments, store_id: [u8; 16]) -> Resul
                 batch.delete_cf(index.cf(CF_SEGMENTS)?, id.0.to_be_bytes());
                 continue;
             }
+            Err(reason) if durable == 0 => {
+                tracing::warn!(segment = %id, %reason, "skipping a segment with a torn header and no committed data");
+                continue;
+            }
             Err(reason) => return Err(Error::CorruptSegment { segment: id, reason }),
         };
+        let min_bytes = crate::segment::format::HEADER_BYTES + crate::segment::format::FOOTER_BYTES;
+        if header.segment_bytes < min_bytes || header.segment_bytes > u32::MAX as u64 {
+            return Err(Error::CorruptSegment { segment: id, reason: format!("implausible segment size {}", header.segment_bytes) });
+        }
         if header.segment != id || header.store_id != store_id {
             return Err(Error::CorruptSegment { segment: id, reason: "header names another segment or store".into() });
         }

@@ -106,8 +106,8 @@ fn verify(inner: &Arc<Inner>, progress: &mut dyn FnMut(Progress)) -> Result<Veri
             (Err(e), _) | (_, Err(e)) => rep.problems.push(Problem::IndexCorrupt { detail: e.to_string() }),
         }
     }
-    let total: u64 = blobs.iter().map(|(_, e)| e.size).sum();
-    let mut done = 0;
+    let total: u64 = blobs.iter().fold(0u64, |a, (_, e)| a.saturating_add(e.size));
+    let mut done = 0u64;
     let mut recount: HashMap<ChunkId, u64> = HashMap::new();
     for (digest, entry) in &blobs {
         rep.blobs += 1;
@@ -115,7 +115,7 @@ fn verify(inner: &Arc<Inner>, progress: &mut dyn FnMut(Progress)) -> Result<Veri
             rep.unreferenced_blobs += 1;
         }
         verify_blob(inner, digest, entry, &mut recount, &mut rep);
-        done += entry.size;
+        done = done.saturating_add(entry.size);
         progress(Progress { phase: "blobs", done, total });
     }
     let mut live: HashSet<(SegmentId, u32)> = HashSet::new();
@@ -169,7 +169,7 @@ fn verify_blob(inner: &Arc<Inner>, digest: &Digest, entry: &BlobEntry, recount: 
             rep.problems.push(Problem::IndexCorrupt { detail: format!("blob {digest}: recipe part starts at {} not {size}", part.start) });
         }
         for e in &part.entries {
-            size += e.raw_len as u64;
+            size = size.saturating_add(e.raw_len as u64);
             chunks += 1;
             *recount.entry(e.chunk).or_insert(0) += 1;
             if !dangling && matches!(inner.index.chunk(&e.chunk), Ok(None)) {

@@ -8,7 +8,7 @@ use crate::chunker::Chunker;
 use crate::commit::Request;
 use crate::compress::Compressor;
 use crate::error::{Error, Result};
-use crate::ids::{Digest, DigestAlgorithm, RecipeId};
+use crate::ids::{ChunkId, Digest, DigestAlgorithm, RecipeId};
 use crate::index::codec::{recipe_key, recipe_prefix, staged_key, RecipeEntry, RecipePart, RECIPE_PART_ENTRIES};
 use crate::index::{CF_PENDING, CF_RECIPES, CF_STAGED};
 use crate::segment::format::{FLAG_ZSTD, RECORD_HEADER_BYTES};
@@ -18,6 +18,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use rocksdb::WriteBatch;
 use sha2::Digest as _;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -151,14 +152,22 @@ impl BlobWriter {
         }
         let (recipe, size, chunk_count) = (self.recipe, self.size, summary.chunks);
         let digest = actual.clone();
-        let e = self.inner.request(|reply| Request::Commit {
+        let e = match self.inner.request(|reply| Request::Commit {
             recipe,
             digest,
             size,
             chunk_count,
             created_unix_ms: now_unix_ms(),
             reply,
-        })?;
+        }) {
+            Ok(e) => e,
+            Err(err) => {
+                if !matches!(err, Error::Poisoned | Error::ShuttingDown) {
+                    self.discard();
+                }
+                return Err(err);
+            }
+        };
         Ok(BlobInfo { digest: actual, size: e.size, chunk_count: e.chunk_count, refs: e.refs, created_unix_ms: e.created_unix_ms })
     }
 
@@ -209,39 +218,66 @@ impl RecipeSpill {
     }
 }
 
+/// Prepared chunks queued between the cutting and the appending stage.
+const APPEND_QUEUE_CHUNKS: usize = 8;
+/// Chunk ids of this blob already sent to the appender, so that a chunk
+/// repeated inside a blob is stored once. Past this bound a repeat may be
+/// stored twice (an orphan record, reclaimable), never miscounted.
+const SENT_IDS_MAX: usize = 1 << 16;
+/// Staged placements written to the index per unsynced batch.
+const STAGED_BATCH_ENTRIES: usize = 256;
+
+/// The writer's pipeline after hashing: a cutting stage (FastCDC, BLAKE3,
+/// dedupe lookup, compression) and an appending stage (encryption, record
+/// checksum, pwrite), on two threads so that with the caller's SHA-256 the
+/// work spreads over three.
 fn chunk_worker(inner: Arc<Inner>, recipe: RecipeId, rx: Receiver<Bytes>) -> Result<WorkerSummary> {
+    let (atx, arx) = crossbeam_channel::bounded::<PreparedChunk>(APPEND_QUEUE_CHUNKS);
+    std::thread::scope(|scope| {
+        let appender = std::thread::Builder::new()
+            .name("orlop-append".into())
+            .spawn_scoped(scope, || append_stage(&inner, recipe, arx))
+            .map_err(|e| Error::io("append thread", e))?;
+        let cut = cut_stage(&inner, recipe, rx, atx);
+        let appended = appender.join().map_err(|_| Error::Config("append thread panicked".into()))?;
+        appended?;
+        cut
+    })
+}
+
+fn cut_stage(inner: &Inner, recipe: RecipeId, rx: Receiver<Bytes>, atx: Sender<PreparedChunk>) -> Result<WorkerSummary> {
     let mut chunker = Chunker::new(inner.cfg.chunk);
     let mut comp = Compressor::new(inner.cfg.zstd_level).map_err(|e| Error::io("zstd", e))?;
     let mut spill = RecipeSpill { recipe, part_no: 0, part: RecipePart::default(), batch: WriteBatch::default() };
     let mut sum = WorkerSummary::default();
+    let mut sent: HashSet<ChunkId> = HashSet::new();
     let staged_cf = inner.index.cf(CF_STAGED)?;
     let mut emit = |chunk: Bytes| -> Result<()> {
         let id = inner.chunk_id(&chunk);
         let raw_len = chunk.len() as u32;
-        if inner.index.chunk(&id)?.is_none() {
+        if !sent.contains(&id) && inner.index.chunk(&id)?.is_none() {
             let shared = inner.inflight.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|v| v.0);
-            let loc = match shared {
-                Some(loc) => loc,
+            match shared {
+                // Appended by another writer, not yet committed: share its placement.
+                Some(loc) => spill.batch.put_cf(staged_cf, staged_key(recipe, &id), loc.encode()),
                 None => {
                     let (flags, record) = match comp.maybe_compress(&chunk, RECORD_HEADER_BYTES) {
                         Some(z) => (FLAG_ZSTD, z),
                         None => (0, PreparedChunk::buffer(&chunk)),
                     };
-                    let loc = inner.segments.append(&inner.cipher, PreparedChunk { id, flags, raw_len, record })?;
-                    let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
-                    if fl.len() < INFLIGHT_CHUNKS_MAX {
-                        fl.entry(id).or_insert((loc, recipe));
+                    if sent.len() < SENT_IDS_MAX {
+                        sent.insert(id);
                     }
-                    loc
+                    // A closed queue means the appender failed; its error is reported.
+                    atx.send(PreparedChunk { id, flags, raw_len, record }).map_err(|_| Error::ShuttingDown)?;
                 }
-            };
-            spill.batch.put_cf(staged_cf, staged_key(recipe, &id), loc.encode());
+            }
         }
         spill.part.entries.push(RecipeEntry { chunk: id, raw_len });
         sum.chunks += 1;
         sum.bytes += raw_len as u64;
         if spill.part.entries.len() >= RECIPE_PART_ENTRIES {
-            spill.flush(&inner)?;
+            spill.flush(inner)?;
         }
         Ok(())
     };
@@ -250,6 +286,30 @@ fn chunk_worker(inner: Arc<Inner>, recipe: RecipeId, rx: Receiver<Bytes>) -> Res
     }
     chunker.finish(&mut emit)?;
     drop(emit);
-    spill.flush(&inner)?;
+    spill.flush(inner)?;
     Ok(sum)
+}
+
+/// Encrypts and appends chunks in order, recording their staged placements.
+fn append_stage(inner: &Inner, recipe: RecipeId, rx: Receiver<PreparedChunk>) -> Result<()> {
+    let staged_cf = inner.index.cf(CF_STAGED)?;
+    let mut batch = WriteBatch::default();
+    for chunk in rx {
+        let id = chunk.id;
+        let loc = inner.segments.append(&inner.cipher, chunk)?;
+        {
+            let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if fl.len() < INFLIGHT_CHUNKS_MAX {
+                fl.entry(id).or_insert((loc, recipe));
+            }
+        }
+        batch.put_cf(staged_cf, staged_key(recipe, &id), loc.encode());
+        if batch.len() >= STAGED_BATCH_ENTRIES {
+            inner.index.write_unsynced(std::mem::take(&mut batch))?;
+        }
+    }
+    if !batch.is_empty() {
+        inner.index.write_unsynced(batch)?;
+    }
+    Ok(())
 }

@@ -140,8 +140,9 @@ pub const RECIPE_PART_ENTRIES: usize = 1024;
 const RECIPE_ENTRY_BYTES: usize = 36;
 
 impl RecipePart {
+    /// Blob offset just past the part (saturating: corrupt values must not panic).
     pub fn end(&self) -> u64 {
-        self.start + self.entries.iter().map(|e| e.raw_len as u64).sum::<u64>()
+        self.entries.iter().fold(self.start, |a, e| a.saturating_add(e.raw_len as u64))
     }
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(12 + self.entries.len() * RECIPE_ENTRY_BYTES);

@@ -36,6 +36,9 @@ pub(crate) struct Segments {
     files: RwLock<HashMap<SegmentId, Arc<dyn SegmentFile>>>,
     active: Mutex<Option<Active>>,
     poisoned: AtomicBool,
+    /// Serialises writes of `segments` entries (sealing vs the committer's
+    /// durable-length updates). Lock order: `active`, then this.
+    pub meta_lock: Mutex<()>,
 }
 
 /// A chunk ready to append: `RECORD_HEADER_BYTES` of headroom followed by
@@ -74,6 +77,7 @@ impl Segments {
             files: RwLock::new(HashMap::new()),
             active: Mutex::new(None),
             poisoned: AtomicBool::new(false),
+            meta_lock: Mutex::new(()),
         }
     }
 
@@ -136,6 +140,9 @@ impl Segments {
         let body_len = chunk.record.len().saturating_sub(RECORD_HEADER_BYTES);
         let record_len = (RECORD_HEADER_BYTES + body_len + TAG_BYTES) as u64;
         let mut guard = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        // Again under the lock: a failure by another appender may have
+        // poisoned the store since the check above.
+        self.check_writable()?;
         let full = match guard.as_ref() {
             None => true,
             Some(a) => a.offset + record_len > self.segment_bytes - FOOTER_BYTES,
@@ -167,8 +174,11 @@ impl Segments {
         let encoded = header.encode(payload);
         head.copy_from_slice(&encoded);
         if let Err(e) = a.file.write_at(&chunk.record, a.offset) {
+            // Retire the segment: nothing may append (and reuse this nonce) again.
+            let id = a.id;
             self.poison(&e);
-            return Err(Error::io(self.path_of(a.id), e));
+            *guard = None;
+            return Err(Error::io(self.path_of(id), e));
         }
         a.offset += record_len;
         a.record_count += 1;
@@ -235,6 +245,7 @@ impl Segments {
             a.id.0.to_be_bytes(),
             SegmentEntry { sealed: true, durable_len: a.offset }.encode(),
         );
+        let _meta = self.meta_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.index.write_synced(batch)?;
         tracing::debug!(segment = %a.id, bytes = a.offset, records = a.record_count, "sealed segment");
         Ok(())
@@ -246,6 +257,9 @@ impl Segments {
         self.check_writable()?;
         let (id, file, len) = {
             let g = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            // Under the lock: a failed seal or write leaves no active segment
+            // and a poisoned store; that must not read as "nothing to sync".
+            self.check_writable()?;
             match g.as_ref() {
                 None => return Ok(None),
                 Some(a) => (a.id, a.file.clone(), a.offset),
