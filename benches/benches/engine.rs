@@ -23,19 +23,28 @@ fn ingest(store: &Store, data: &Bytes) -> Digest {
     let mut off = 0;
     while off < data.len() {
         let end = (off + PIECE_BYTES).min(data.len());
-        w.write(data.slice(off..end)).unwrap_or_else(|e| panic!("{e}"));
+        w.write(data.slice(off..end))
+            .unwrap_or_else(|e| panic!("{e}"));
         off = end;
     }
     w.commit().unwrap_or_else(|e| panic!("{e}")).digest
 }
 
 fn benches(c: &mut Criterion) {
-    let corpora = [("gzip", Bytes::from(gzip_corpus(CORPUS_BYTES))), ("tar", Bytes::from(tar_corpus(CORPUS_BYTES)))];
+    let corpora = [
+        ("gzip", Bytes::from(gzip_corpus(CORPUS_BYTES))),
+        ("tar", Bytes::from(tar_corpus(CORPUS_BYTES))),
+    ];
     let mut g = c.benchmark_group("engine");
-    g.sampling_mode(SamplingMode::Flat).sample_size(10).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(1));
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(8))
+        .warm_up_time(Duration::from_secs(1));
     for (name, data) in &corpora {
         g.throughput(Throughput::Bytes(data.len() as u64));
-        g.bench_function(format!("sha256/{name}"), |b| b.iter(|| sha2::Sha256::digest(data)));
+        g.bench_function(format!("sha256/{name}"), |b| {
+            b.iter(|| sha2::Sha256::digest(data))
+        });
         g.bench_function(format!("ingest/{name}"), |b| {
             b.iter_batched(
                 || {
@@ -78,10 +87,20 @@ fn benches(c: &mut Criterion) {
 
 /// Mean time of one criterion benchmark, from its saved estimates.
 fn mean_ns(id: &str) -> Option<f64> {
-    let base = std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| "target".into());
-    let candidates = [base.join("criterion"), std::path::PathBuf::from("../target/criterion")];
+    let base = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "target".into());
+    let candidates = [
+        base.join("criterion"),
+        std::path::PathBuf::from("../target/criterion"),
+    ];
     candidates.iter().find_map(|root| {
-        let text = std::fs::read_to_string(root.join("engine").join(id.replace('/', "_")).join("new/estimates.json")).ok()?;
+        let text = std::fs::read_to_string(
+            root.join("engine")
+                .join(id.replace('/', "_"))
+                .join("new/estimates.json"),
+        )
+        .ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).ok()?;
         v["mean"]["point_estimate"].as_f64()
     })
@@ -90,7 +109,10 @@ fn mean_ns(id: &str) -> Option<f64> {
 fn report() {
     let gbps = |id: &str| mean_ns(id).map(|ns| CORPUS_BYTES as f64 / ns);
     println!("\nthroughput ratios (each / single-core SHA-256 of the same bytes):");
-    println!("{:<14} {:>10} {:>10} {:>8} {:>8}", "benchmark", "GB/s", "sha GB/s", "ratio", "target");
+    println!(
+        "{:<14} {:>10} {:>10} {:>8} {:>8}",
+        "benchmark", "GB/s", "sha GB/s", "ratio", "target"
+    );
     for (id, sha, target) in [
         ("ingest/gzip", "sha256/gzip", 0.7),
         ("ingest/tar", "sha256/tar", 0.25),
@@ -112,6 +134,8 @@ criterion_group!(engine, benches);
 
 fn main() {
     engine();
-    criterion::Criterion::default().configure_from_args().final_summary();
+    criterion::Criterion::default()
+        .configure_from_args()
+        .final_summary();
     report();
 }

@@ -31,19 +31,27 @@ fn upgraded(base: &[u8]) -> Vec<u8> {
 fn main() {
     let base = tar_corpus(128 << 20);
     let next = upgraded(&base);
-    println!("{:>8} {:>10} {:>14} {:>12} {:>10}", "avg KiB", "chunks", "new MiB (v2)", "dedupe v2", "MB/s");
+    println!(
+        "{:>8} {:>10} {:>14} {:>12} {:>10}",
+        "avg KiB", "chunks", "new MiB (v2)", "dedupe v2", "MB/s"
+    );
     for avg_kib in [16u32, 32, 64, 128, 256] {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let mut cfg = StoreConfig::new(dir.path());
         cfg.key = KeySource::Bytes([1; 32]);
-        cfg.chunk = ChunkParams { min_bytes: avg_kib * 256, avg_bytes: avg_kib * 1024, max_bytes: avg_kib * 4096 };
+        cfg.chunk = ChunkParams {
+            min_bytes: avg_kib * 256,
+            avg_bytes: avg_kib * 1024,
+            max_bytes: avg_kib * 4096,
+        };
         let store = Store::open(cfg).unwrap_or_else(|e| panic!("{e}"));
         let t = Instant::now();
         store.put(&base, None).unwrap_or_else(|e| panic!("{e}"));
         let secs = t.elapsed().as_secs_f64();
         let before = store.stats().unwrap_or_else(|e| panic!("{e}"));
         let mut w = store.writer(None).unwrap_or_else(|e| panic!("{e}"));
-        w.write(Bytes::from(next.clone())).unwrap_or_else(|e| panic!("{e}"));
+        w.write(Bytes::from(next.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
         w.commit().unwrap_or_else(|e| panic!("{e}"));
         let after = store.stats().unwrap_or_else(|e| panic!("{e}"));
         let new_bytes = after.unique_bytes - before.unique_bytes;

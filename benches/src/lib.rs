@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 fn cache_dir() -> PathBuf {
-    let base = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
+    let base = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"));
     base.join("orlop-bench-corpus")
 }
 
@@ -68,13 +70,29 @@ pub fn tar_corpus(bytes: usize) -> Vec<u8> {
 /// `bytes` of a gzip-compressed tar stream.
 pub fn gzip_corpus(bytes: usize) -> Vec<u8> {
     cached(&format!("gzip-{bytes}"), || {
-        let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(bytes + (1 << 20)), flate2::Compression::new(6));
-        tar_of(&["usr/share", "usr/lib", "usr/libexec", "usr/include", "usr/local"], usize::MAX, |b| {
-            enc.write_all(b).unwrap_or_else(|e| panic!("{e}"));
-            enc.get_ref().len() < bytes
-        });
+        let mut enc = flate2::write::GzEncoder::new(
+            Vec::with_capacity(bytes + (1 << 20)),
+            flate2::Compression::new(6),
+        );
+        tar_of(
+            &[
+                "usr/share",
+                "usr/lib",
+                "usr/libexec",
+                "usr/include",
+                "usr/local",
+            ],
+            usize::MAX,
+            |b| {
+                enc.write_all(b).unwrap_or_else(|e| panic!("{e}"));
+                enc.get_ref().len() < bytes
+            },
+        );
         let mut v = enc.finish().unwrap_or_else(|e| panic!("{e}"));
-        assert!(v.len() >= bytes, "/usr compresses to less than {bytes} bytes");
+        assert!(
+            v.len() >= bytes,
+            "/usr compresses to less than {bytes} bytes"
+        );
         v.truncate(bytes);
         v
     })

@@ -29,7 +29,11 @@ impl Chunker {
     }
 
     /// Feeds a piece; calls `emit` for every chunk that is now final.
-    pub fn push(&mut self, piece: &[u8], emit: &mut dyn FnMut(Bytes) -> crate::Result<()>) -> crate::Result<()> {
+    pub fn push(
+        &mut self,
+        piece: &[u8],
+        emit: &mut dyn FnMut(Bytes) -> crate::Result<()>,
+    ) -> crate::Result<()> {
         self.buf.extend_from_slice(piece);
         if self.buf.len() >= self.window_bytes {
             self.drain(false, emit)?;
@@ -38,11 +42,18 @@ impl Chunker {
     }
 
     /// Ends the stream, emitting what is left.
-    pub fn finish(&mut self, emit: &mut dyn FnMut(Bytes) -> crate::Result<()>) -> crate::Result<()> {
+    pub fn finish(
+        &mut self,
+        emit: &mut dyn FnMut(Bytes) -> crate::Result<()>,
+    ) -> crate::Result<()> {
         self.drain(true, emit)
     }
 
-    fn drain(&mut self, eof: bool, emit: &mut dyn FnMut(Bytes) -> crate::Result<()>) -> crate::Result<()> {
+    fn drain(
+        &mut self,
+        eof: bool,
+        emit: &mut dyn FnMut(Bytes) -> crate::Result<()>,
+    ) -> crate::Result<()> {
         let max = self.p.max_bytes as usize;
         let mut frozen = std::mem::take(&mut self.buf).freeze();
         let mut start = 0;
@@ -96,7 +107,11 @@ mod tests {
 
     #[test]
     fn cuts_do_not_depend_on_piece_sizes() {
-        let p = ChunkParams { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
+        let p = ChunkParams {
+            min_bytes: 1024,
+            avg_bytes: 4096,
+            max_bytes: 16384,
+        };
         let mut data = vec![0u8; 3 << 20];
         rand::rngs::SmallRng::seed_from_u64(5).fill_bytes(&mut data);
         let a = chunks_of(&data, 1 << 30, p);

@@ -5,7 +5,9 @@
 
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, Digest, RecipeId};
-use crate::index::codec::{recipe_prefix, staged_key, BlobEntry, ChunkEntry, Location, RecipePart, SegmentEntry};
+use crate::index::codec::{
+    recipe_prefix, staged_key, BlobEntry, ChunkEntry, Location, RecipePart, SegmentEntry,
+};
 use crate::index::{Index, CF_BLOBS, CF_CHUNKS, CF_PENDING, CF_RECIPES, CF_SEGMENTS, CF_STAGED};
 use crate::store::Inner;
 use crossbeam_channel::{Receiver, Sender};
@@ -86,7 +88,11 @@ type Reply = Box<dyn FnOnce(Result<(), &Error>)>;
 
 fn delete_recipe(batch: &mut WriteBatch, index: &Index, recipe: RecipeId) -> Result<()> {
     let from = recipe_prefix(recipe);
-    let to = recipe.0.checked_add(1).map(|n| n.to_be_bytes()).unwrap_or([0xff; 8]);
+    let to = recipe
+        .0
+        .checked_add(1)
+        .map(|n| n.to_be_bytes())
+        .unwrap_or([0xff; 8]);
     batch.delete_range_cf(index.cf(CF_RECIPES)?, from, to);
     batch.delete_range_cf(index.cf(CF_STAGED)?, from, to);
     batch.delete_cf(index.cf(CF_PENDING)?, from);
@@ -96,7 +102,11 @@ fn delete_recipe(batch: &mut WriteBatch, index: &Index, recipe: RecipeId) -> Res
 fn process(inner: &Inner, group: Vec<Request>) {
     let index = &*inner.index;
     let needs_sync = group.iter().any(|r| matches!(r, Request::Commit { .. }));
-    let durable = if needs_sync { inner.segments.sync_active() } else { Ok(None) };
+    let durable = if needs_sync {
+        inner.segments.sync_active()
+    } else {
+        Ok(None)
+    };
     let durable = match durable {
         Ok(d) => d,
         Err(e) => {
@@ -109,8 +119,24 @@ fn process(inner: &Inner, group: Vec<Request>) {
     let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
     for req in group {
         match req {
-            Request::Commit { recipe, digest, size, chunk_count, created_unix_ms, reply } => {
-                let r = commit_blob(index, &mut ov, &mut batch, recipe, &digest, size, chunk_count, created_unix_ms);
+            Request::Commit {
+                recipe,
+                digest,
+                size,
+                chunk_count,
+                created_unix_ms,
+                reply,
+            } => {
+                let r = commit_blob(
+                    index,
+                    &mut ov,
+                    &mut batch,
+                    recipe,
+                    &digest,
+                    size,
+                    chunk_count,
+                    created_unix_ms,
+                );
                 replies.push(deferred(reply, r));
             }
             Request::Abort { recipe, reply } => {
@@ -130,7 +156,11 @@ fn process(inner: &Inner, group: Vec<Request>) {
         }
     }
     let written = {
-        let _meta = inner.segments.meta_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _meta = inner
+            .segments
+            .meta_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if inner.segments.is_poisoned() {
             Err(Error::Poisoned)
         } else {
@@ -141,7 +171,9 @@ fn process(inner: &Inner, group: Vec<Request>) {
         inner.segments.poison(e);
     } else {
         let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        fl.retain(|id, (_, owner)| !ov.inserted.contains(id) && !ov.finished_recipes.contains(owner));
+        fl.retain(|id, (_, owner)| {
+            !ov.inserted.contains(id) && !ov.finished_recipes.contains(owner)
+        });
     }
     for r in replies {
         r(written.as_ref().map(|_| ()).map_err(|e| e));
@@ -164,14 +196,21 @@ fn fail_all(group: Vec<Request>, e: &Error) {
     for req in group {
         match req {
             Request::Commit { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
-            Request::Abort { reply, .. } | Request::Kv { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
+            Request::Abort { reply, .. } | Request::Kv { reply, .. } => {
+                drop(reply.send(Err(Error::Poisoned)))
+            }
             Request::Ref { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
             Request::Shutdown => {}
         }
     }
 }
 
-fn finish_batch(index: &Index, ov: &Overlay, batch: &mut WriteBatch, durable: Option<(crate::SegmentId, u64)>) -> Result<()> {
+fn finish_batch(
+    index: &Index,
+    ov: &Overlay,
+    batch: &mut WriteBatch,
+    durable: Option<(crate::SegmentId, u64)>,
+) -> Result<()> {
     let chunks = index.cf(CF_CHUNKS)?;
     for (id, e) in &ov.chunks {
         batch.put_cf(chunks, id.0, e.encode());
@@ -182,11 +221,17 @@ fn finish_batch(index: &Index, ov: &Overlay, batch: &mut WriteBatch, durable: Op
     }
     // The caller holds the segments' meta lock, under which sealing records
     // its entry too: a sealed entry read here stays sealed.
-    if let Some((seg, len)) = durable.filter(|(seg, _)| !matches!(index.segment(*seg), Ok(Some(e)) if e.sealed)) {
+    if let Some((seg, len)) =
+        durable.filter(|(seg, _)| !matches!(index.segment(*seg), Ok(Some(e)) if e.sealed))
+    {
         batch.put_cf(
             index.cf(CF_SEGMENTS)?,
             seg.0.to_be_bytes(),
-            SegmentEntry { sealed: false, durable_len: len }.encode(),
+            SegmentEntry {
+                sealed: false,
+                durable_len: len,
+            }
+            .encode(),
         );
     }
     Ok(())
@@ -229,14 +274,20 @@ fn commit_blob(
                     c
                 }
                 None => {
-                    let staged = index.get(CF_STAGED, &staged_key(recipe, &e.chunk))?.ok_or_else(|| {
-                        Error::CorruptIndex {
+                    let staged = index
+                        .get(CF_STAGED, &staged_key(recipe, &e.chunk))?
+                        .ok_or_else(|| Error::CorruptIndex {
                             cf: CF_STAGED,
-                            reason: format!("recipe {} names chunk {} that is neither stored nor staged", recipe.0, e.chunk),
-                        }
-                    })?;
+                            reason: format!(
+                                "recipe {} names chunk {} that is neither stored nor staged",
+                                recipe.0, e.chunk
+                            ),
+                        })?;
                     inserted.push(e.chunk);
-                    ChunkEntry { loc: Location::decode(&staged, CF_STAGED)?, refs: 1 }
+                    ChunkEntry {
+                        loc: Location::decode(&staged, CF_STAGED)?,
+                        refs: 1,
+                    }
                 }
             };
             local.insert(e.chunk, next);
@@ -248,28 +299,47 @@ fn commit_blob(
             reason: format!("recipe {} has {entries} chunks / {bytes} bytes, writer reported {chunk_count} / {size}", recipe.0),
         });
     }
-    let entry = BlobEntry { size, recipe, chunk_count, refs: 0, created_unix_ms };
+    let entry = BlobEntry {
+        size,
+        recipe,
+        chunk_count,
+        refs: 0,
+        created_unix_ms,
+    };
     ov.chunks.extend(local);
     ov.inserted.extend(inserted);
     ov.blobs.insert(digest.clone(), entry);
-    let to = recipe.0.checked_add(1).map(|n| n.to_be_bytes()).unwrap_or([0xff; 8]);
+    let to = recipe
+        .0
+        .checked_add(1)
+        .map(|n| n.to_be_bytes())
+        .unwrap_or([0xff; 8]);
     batch.delete_range_cf(index.cf(CF_STAGED)?, prefix, to);
     batch.delete_cf(index.cf(CF_PENDING)?, prefix);
     Ok(entry)
 }
 
 fn adjust_ref(index: &Index, ov: &mut Overlay, digest: &Digest, add: bool) -> Result<u64> {
-    let mut e = ov.blob(index, digest)?.ok_or_else(|| Error::BlobUnknown(digest.clone()))?;
+    let mut e = ov
+        .blob(index, digest)?
+        .ok_or_else(|| Error::BlobUnknown(digest.clone()))?;
     e.refs = if add {
         e.refs + 1
     } else {
-        e.refs.checked_sub(1).ok_or_else(|| Error::RefUnderflow(digest.clone()))?
+        e.refs
+            .checked_sub(1)
+            .ok_or_else(|| Error::RefUnderflow(digest.clone()))?
     };
     ov.blobs.insert(digest.clone(), e);
     Ok(e.refs)
 }
 
-fn kv_ops(index: &Index, batch: &mut WriteBatch, cf: &str, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
+fn kv_ops(
+    index: &Index,
+    batch: &mut WriteBatch,
+    cf: &str,
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+) -> Result<()> {
     let h = index.extra_cf(cf)?;
     for (k, v) in ops {
         match v {

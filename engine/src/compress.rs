@@ -14,6 +14,19 @@ const SAVE_MIN_32THS: usize = 1;
 /// binaries measure well below 7.
 const PROBE_ENTROPY_MAX_BITS: f64 = 7.2;
 
+/// The probe: false when a sample from the middle of the chunk looks like
+/// compressed or encrypted data.
+pub(crate) fn looks_compressible(raw: &[u8]) -> bool {
+    if raw.len() < 512 {
+        return false;
+    }
+    if raw.len() <= 2 * PROBE_BYTES {
+        return true;
+    }
+    let mid = raw.len() / 2 - PROBE_BYTES / 2;
+    entropy_bits(&raw[mid..mid + PROBE_BYTES]) <= PROBE_ENTROPY_MAX_BITS
+}
+
 /// Shannon entropy of `sample`, in bits per byte.
 pub(crate) fn entropy_bits(sample: &[u8]) -> f64 {
     let mut hist = [0u32; 256];
@@ -31,6 +44,7 @@ pub(crate) fn entropy_bits(sample: &[u8]) -> f64 {
 }
 
 pub(crate) struct Compressor {
+    level: i32,
     full: zstd::bulk::Compressor<'static>,
     scratch: Vec<u8>,
 }
@@ -38,25 +52,25 @@ pub(crate) struct Compressor {
 impl Compressor {
     pub fn new(level: i32) -> std::io::Result<Self> {
         Ok(Compressor {
+            level,
             full: zstd::bulk::Compressor::new(level)?,
             scratch: Vec::new(),
         })
     }
 
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
     /// Returns the compressed form, after `headroom` zero bytes, when it is
     /// worth keeping, else None.
     pub fn maybe_compress(&mut self, raw: &[u8], headroom: usize) -> Option<Vec<u8>> {
-        if raw.len() < 512 {
+        if !looks_compressible(raw) {
             return None;
         }
-        if raw.len() > 2 * PROBE_BYTES {
-            let mid = raw.len() / 2 - PROBE_BYTES / 2;
-            if entropy_bits(&raw[mid..mid + PROBE_BYTES]) > PROBE_ENTROPY_MAX_BITS {
-                return None;
-            }
-        }
         self.scratch.clear();
-        self.scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(raw.len()));
         let n = self.full.compress_to_buffer(raw, &mut self.scratch).ok()?;
         if n + raw.len() * SAVE_MIN_32THS / 32 > raw.len() {
             return None;
@@ -93,7 +107,9 @@ mod tests {
             .take(64 * 1024)
             .copied()
             .collect();
-        let z = c.maybe_compress(&text, 0).unwrap_or_else(|| panic!("text should compress"));
+        let z = c
+            .maybe_compress(&text, 0)
+            .unwrap_or_else(|| panic!("text should compress"));
         assert!(z.len() < text.len() / 4);
         assert_eq!(decompress(&z, text.len()).as_deref(), Some(&text[..]));
         assert!(decompress(&z, text.len() + 1).is_none());

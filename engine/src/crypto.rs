@@ -98,11 +98,15 @@ mod tests {
         let id = ChunkId([9; 32]);
         let n = nonce_for(SegmentId(3), 64);
         let mut buf = b"hello chunk".to_vec();
-        let tag = c.seal_detached(n, 1, 0, 11, &id, &mut buf).unwrap_or_else(|_| panic!("seal"));
+        let tag = c
+            .seal_detached(n, 1, 0, 11, &id, &mut buf)
+            .unwrap_or_else(|_| panic!("seal"));
         buf.extend_from_slice(&tag);
         assert_eq!(buf.len(), 11 + TAG_BYTES);
         let mut copy = buf.clone();
-        let len = c.open(n, 1, 0, 11, &id, &mut copy).unwrap_or_else(|_| panic!("open"));
+        let len = c
+            .open(n, 1, 0, 11, &id, &mut copy)
+            .unwrap_or_else(|_| panic!("open"));
         assert_eq!(&copy[..len], b"hello chunk");
         // Wrong chunk id in the associated data fails.
         let mut copy = buf.clone();

@@ -25,10 +25,7 @@ pub enum Error {
         reason: &'static str,
     },
     #[error("corrupt segment {segment}: {reason}")]
-    CorruptSegment {
-        segment: SegmentId,
-        reason: String,
-    },
+    CorruptSegment { segment: SegmentId, reason: String },
     #[error("corrupt index entry in column family {cf}: {reason}")]
     CorruptIndex { cf: &'static str, reason: String },
     #[error("segment {segment} lost acknowledged data: durable length {durable} but only {found} valid bytes found")]

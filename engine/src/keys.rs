@@ -78,13 +78,12 @@ impl MasterKey {
         match source {
             KeySource::Bytes(b) => Ok(MasterKey(*b)),
             KeySource::Env(var) => {
-                let v = std::env::var(var)
-                    .map_err(|_| Error::InvalidKey(format!("environment variable {var} is not set")))?;
+                let v = std::env::var(var).map_err(|_| {
+                    Error::InvalidKey(format!("environment variable {var} is not set"))
+                })?;
                 MasterKey::parse(&v)
             }
-            KeySource::Default => {
-                Self::load_file(&data_dir.join("store.key"), may_create)
-            }
+            KeySource::Default => Self::load_file(&data_dir.join("store.key"), may_create),
             KeySource::File(p) => Self::load_file(p, may_create),
         }
     }
@@ -147,7 +146,9 @@ mod tests {
         let path = dir.path().join("k");
         let k = MasterKey::load(&KeySource::File(path.clone()), dir.path(), true)
             .unwrap_or_else(|e| panic!("{e}"));
-        let mode = std::fs::metadata(&path).map(|m| m.permissions().mode()).unwrap_or(0);
+        let mode = std::fs::metadata(&path)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
         assert_eq!(mode & 0o777, 0o600);
         let again = MasterKey::load(&KeySource::File(path), dir.path(), false)
             .unwrap_or_else(|e| panic!("{e}"));

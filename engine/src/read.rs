@@ -17,7 +17,11 @@ use std::sync::Arc;
 /// Loads, authenticates, decompresses and checks one chunk.
 pub(crate) fn load_chunk(inner: &Inner, id: &ChunkId, entry: &ChunkEntry) -> Result<Bytes> {
     let loc = &entry.loc;
-    let corrupt = |reason| Error::CorruptChunk { segment: loc.segment, offset: loc.offset as u64, reason };
+    let corrupt = |reason| Error::CorruptChunk {
+        segment: loc.segment,
+        offset: loc.offset as u64,
+        reason,
+    };
     let mut rec = inner.segments.read_record(loc)?;
     let h = RecordHeader::decode(&rec).ok_or_else(|| corrupt("no record header"))?;
     if h.kind != KIND_CHUNK || h.chunk != *id || h.raw_len != loc.raw_len || h.flags != loc.flags {
@@ -25,12 +29,22 @@ pub(crate) fn load_chunk(inner: &Inner, id: &ChunkId, entry: &ChunkEntry) -> Res
     }
     let n = inner
         .cipher
-        .open(h.nonce, h.kind, h.flags, h.raw_len, id, &mut rec[RECORD_HEADER_BYTES..])
+        .open(
+            h.nonce,
+            h.kind,
+            h.flags,
+            h.raw_len,
+            id,
+            &mut rec[RECORD_HEADER_BYTES..],
+        )
         .map_err(|_| corrupt("authentication (AEAD tag) failed"))?;
     let plain = if h.flags & FLAG_ZSTD != 0 {
         Bytes::from(
-            decompress(&rec[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + n], h.raw_len as usize)
-                .ok_or_else(|| corrupt("zstd data does not decompress to its length"))?,
+            decompress(
+                &rec[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + n],
+                h.raw_len as usize,
+            )
+            .ok_or_else(|| corrupt("zstd data does not decompress to its length"))?,
         )
     } else {
         Bytes::from(rec).slice(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + n)
@@ -43,18 +57,27 @@ pub(crate) fn load_chunk(inner: &Inner, id: &ChunkId, entry: &ChunkEntry) -> Res
 
 /// Looks up and loads a chunk named by a recipe.
 pub(crate) fn fetch_chunk(inner: &Inner, e: &RecipeEntry) -> Result<Bytes> {
-    let entry = inner.index.chunk(&e.chunk)?.ok_or_else(|| Error::CorruptIndex {
-        cf: "chunks",
-        reason: format!("recipe names missing chunk {}", e.chunk),
-    })?;
+    let entry = inner
+        .index
+        .chunk(&e.chunk)?
+        .ok_or_else(|| Error::CorruptIndex {
+            cf: "chunks",
+            reason: format!("recipe names missing chunk {}", e.chunk),
+        })?;
     if entry.loc.raw_len != e.raw_len {
-        return Err(Error::CorruptIndex { cf: "chunks", reason: format!("chunk {} length differs from its recipe", e.chunk) });
+        return Err(Error::CorruptIndex {
+            cf: "chunks",
+            reason: format!("chunk {} length differs from its recipe", e.chunk),
+        });
     }
     load_chunk(inner, &e.chunk, &entry)
 }
 
 /// Iterates a blob's recipe parts in order.
-pub(crate) fn recipe_parts<'a>(inner: &'a Inner, entry: &BlobEntry) -> impl Iterator<Item = Result<RecipePart>> + 'a {
+pub(crate) fn recipe_parts<'a>(
+    inner: &'a Inner,
+    entry: &BlobEntry,
+) -> impl Iterator<Item = Result<RecipePart>> + 'a {
     let recipe = entry.recipe;
     let mut part_no = 0u32;
     std::iter::from_fn(move || {
@@ -84,12 +107,26 @@ pub struct BlobReader {
 }
 
 impl BlobReader {
-    pub(crate) fn new(inner: Arc<Inner>, digest: &Digest, offset: u64, len: Option<u64>) -> Result<Self> {
-        let entry = inner.index.blob(digest)?.ok_or_else(|| Error::BlobUnknown(digest.clone()))?;
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        digest: &Digest,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<Self> {
+        let entry = inner
+            .index
+            .blob(digest)?
+            .ok_or_else(|| Error::BlobUnknown(digest.clone()))?;
         let len = len.unwrap_or(entry.size.saturating_sub(offset));
-        let end = offset.checked_add(len).filter(|e| *e <= entry.size && offset <= entry.size);
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= entry.size && offset <= entry.size);
         let Some(end) = end else {
-            return Err(Error::RangeInvalid { offset, len, size: entry.size });
+            return Err(Error::RangeInvalid {
+                offset,
+                len,
+                size: entry.size,
+            });
         };
         let mut r = BlobReader {
             inner,
@@ -119,7 +156,9 @@ impl BlobReader {
     /// Loads recipe parts until the one holding `pos`.
     fn seek_part(&mut self) -> Result<()> {
         loop {
-            let Some(part) = self.load_part()? else { return Ok(()) };
+            let Some(part) = self.load_part()? else {
+                return Ok(());
+            };
             if part.start != self.queue_pos {
                 return Err(self.gap(part.start));
             }
@@ -135,12 +174,20 @@ impl BlobReader {
     fn gap(&self, start: u64) -> Error {
         Error::CorruptIndex {
             cf: CF_RECIPES,
-            reason: format!("recipe {} part {} starts at {start}, expected {}", self.entry.recipe.0, self.next_part - 1, self.queue_pos),
+            reason: format!(
+                "recipe {} part {} starts at {start}, expected {}",
+                self.entry.recipe.0,
+                self.next_part - 1,
+                self.queue_pos
+            ),
         }
     }
 
     fn load_part(&mut self) -> Result<Option<RecipePart>> {
-        let v = self.inner.index.get(CF_RECIPES, &recipe_key(self.entry.recipe, self.next_part))?;
+        let v = self
+            .inner
+            .index
+            .get(CF_RECIPES, &recipe_key(self.entry.recipe, self.next_part))?;
         self.next_part += 1;
         v.map(|v| RecipePart::decode(&v)).transpose()
     }
@@ -161,7 +208,10 @@ impl BlobReader {
                     None => {
                         return Err(Error::CorruptIndex {
                             cf: CF_RECIPES,
-                            reason: format!("recipe {} ends before the blob's size", self.entry.recipe.0),
+                            reason: format!(
+                                "recipe {} ends before the blob's size",
+                                self.entry.recipe.0
+                            ),
                         })
                     }
                 }
@@ -174,7 +224,10 @@ impl BlobReader {
         }
         let inner = &*self.inner;
         let decoded: Vec<Result<Bytes>> = if batch.len() > 1 {
-            batch.par_iter().map(|(_, e)| fetch_chunk(inner, e)).collect()
+            batch
+                .par_iter()
+                .map(|(_, e)| fetch_chunk(inner, e))
+                .collect()
         } else {
             batch.iter().map(|(_, e)| fetch_chunk(inner, e)).collect()
         };
@@ -208,7 +261,10 @@ impl BlobReader {
                 Ok(Some(b))
             }
             None if self.pos >= self.end => Ok(None),
-            None => Err(Error::CorruptIndex { cf: CF_RECIPES, reason: "recipe shorter than blob".into() }),
+            None => Err(Error::CorruptIndex {
+                cf: CF_RECIPES,
+                reason: "recipe shorter than blob".into(),
+            }),
         }
     }
 }

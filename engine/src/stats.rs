@@ -19,7 +19,9 @@ pub struct SegmentStats {
 
 impl SegmentStats {
     pub fn live_ratio(&self) -> f64 {
-        let data = self.data_bytes.saturating_sub(crate::segment::format::HEADER_BYTES);
+        let data = self
+            .data_bytes
+            .saturating_sub(crate::segment::format::HEADER_BYTES);
         if data == 0 {
             1.0
         } else {
@@ -83,9 +85,19 @@ impl Store {
         let mut segs: BTreeMap<SegmentId, SegmentStats> = BTreeMap::new();
         for kv in index.scan(CF_SEGMENTS)? {
             let (k, v) = kv?;
-            let (Some(id), Ok(e)) = (codec::u64_be(&k), SegmentEntry::decode(&v)) else { continue };
+            let (Some(id), Ok(e)) = (codec::u64_be(&k), SegmentEntry::decode(&v)) else {
+                continue;
+            };
             let id = SegmentId(id);
-            segs.insert(id, SegmentStats { id, sealed: e.sealed, data_bytes: e.durable_len, live_bytes: 0 });
+            segs.insert(
+                id,
+                SegmentStats {
+                    id,
+                    sealed: e.sealed,
+                    data_bytes: e.durable_len,
+                    live_bytes: 0,
+                },
+            );
         }
         for kv in index.scan(CF_CHUNKS)? {
             let (_, v) = kv?;
@@ -94,7 +106,10 @@ impl Store {
             st.unique_bytes += e.loc.raw_len as u64;
             st.stored_bytes += e.loc.record_len();
             st.compressed_chunks += (e.loc.flags & crate::segment::format::FLAG_ZSTD != 0) as u64;
-            let s = segs.entry(e.loc.segment).or_insert(SegmentStats { id: e.loc.segment, ..Default::default() });
+            let s = segs.entry(e.loc.segment).or_insert(SegmentStats {
+                id: e.loc.segment,
+                ..Default::default()
+            });
             s.live_bytes += e.loc.record_len();
         }
         st.segments = segs.into_values().collect();

@@ -69,7 +69,11 @@ impl Inner {
         if g.0 >= g.1 {
             let until = g.1 + RECIPE_ID_BLOCK;
             let mut b = WriteBatch::default();
-            b.put_cf(self.index.cf(CF_META)?, META_NEXT_RECIPE, until.to_le_bytes());
+            b.put_cf(
+                self.index.cf(CF_META)?,
+                META_NEXT_RECIPE,
+                until.to_le_bytes(),
+            );
             self.index.write_synced(b)?;
             g.1 = until;
         }
@@ -79,7 +83,9 @@ impl Inner {
 
     pub fn request<T>(&self, make: impl FnOnce(Sender<Result<T>>) -> Request) -> Result<T> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.commit_tx.send(make(tx)).map_err(|_| Error::ShuttingDown)?;
+        self.commit_tx
+            .send(make(tx))
+            .map_err(|_| Error::ShuttingDown)?;
         rx.recv().map_err(|_| Error::ShuttingDown)?
     }
 }
@@ -111,7 +117,11 @@ impl Store {
         }
         let key = MasterKey::load(&cfg.key, &dir, is_new && !cfg.read_only)?;
         let sub = key.subkeys();
-        let index = Arc::new(Index::open(&index_dir, cfg.read_only, &cfg.extra_column_families)?);
+        let index = Arc::new(Index::open(
+            &index_dir,
+            cfg.read_only,
+            &cfg.extra_column_families,
+        )?);
         let store_id = check_meta(&index, &sub.check, is_new)?;
         let io = pick_io(&cfg.io)?;
         tracing::info!(io = io.name(), data = %dir.display(), "opening store");
@@ -205,13 +215,21 @@ impl Store {
     /// Adds one reference to a blob; returns the new count.
     pub fn add_ref(&self, digest: &Digest) -> Result<u64> {
         self.inner.segments.check_writable()?;
-        self.inner.request(|reply| Request::Ref { digest: digest.clone(), add: true, reply })
+        self.inner.request(|reply| Request::Ref {
+            digest: digest.clone(),
+            add: true,
+            reply,
+        })
     }
 
     /// Drops one reference; at zero the blob becomes reclaimable.
     pub fn drop_ref(&self, digest: &Digest) -> Result<u64> {
         self.inner.segments.check_writable()?;
-        self.inner.request(|reply| Request::Ref { digest: digest.clone(), add: false, reply })
+        self.inner.request(|reply| Request::Ref {
+            digest: digest.clone(),
+            add: false,
+            reply,
+        })
     }
 
     /// Reads a key from a column family registered in `extra_column_families`.
@@ -223,7 +241,11 @@ impl Store {
     /// Applies puts (`Some`) and deletes (`None`) atomically and durably.
     pub fn kv_write(&self, cf: &str, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
         self.inner.segments.check_writable()?;
-        self.inner.request(|reply| Request::Kv { cf: cf.to_string(), ops, reply })
+        self.inner.request(|reply| Request::Kv {
+            cf: cf.to_string(),
+            ops,
+            reply,
+        })
     }
 
     /// Shuts down cleanly: drains the committer and seals the active segment.
@@ -265,7 +287,11 @@ fn check_meta(index: &Index, key_check: &[u8; 32], is_new: bool) -> Result<[u8; 
             .map_err(|_| Error::Config("system random generator failed".into()))?;
         let mut b = WriteBatch::default();
         let meta = index.cf(CF_META)?;
-        b.put_cf(meta, META_FORMAT_VERSION, INDEX_FORMAT_VERSION.to_le_bytes());
+        b.put_cf(
+            meta,
+            META_FORMAT_VERSION,
+            INDEX_FORMAT_VERSION.to_le_bytes(),
+        );
         b.put_cf(meta, META_STORE_ID, store_id);
         b.put_cf(meta, META_KEY_CHECK, key_check);
         index.write_synced(b)?;
@@ -275,9 +301,15 @@ fn check_meta(index: &Index, key_check: &[u8; 32], is_new: bool) -> Result<[u8; 
         .as_deref()
         .and_then(|v| <[u8; 4]>::try_from(v).ok())
         .map(u32::from_le_bytes)
-        .ok_or(Error::CorruptIndex { cf: CF_META, reason: "missing format version".into() })?;
+        .ok_or(Error::CorruptIndex {
+            cf: CF_META,
+            reason: "missing format version".into(),
+        })?;
     if v != INDEX_FORMAT_VERSION {
-        return Err(Error::FormatVersion { found: v, supported: INDEX_FORMAT_VERSION });
+        return Err(Error::FormatVersion {
+            found: v,
+            supported: INDEX_FORMAT_VERSION,
+        });
     }
     if index.get(CF_META, META_KEY_CHECK)?.as_deref() != Some(&key_check[..]) {
         return Err(Error::WrongKey);
@@ -285,7 +317,10 @@ fn check_meta(index: &Index, key_check: &[u8; 32], is_new: bool) -> Result<[u8; 
     index
         .get(CF_META, META_STORE_ID)?
         .and_then(|v| <[u8; 16]>::try_from(v.as_slice()).ok())
-        .ok_or(Error::CorruptIndex { cf: CF_META, reason: "missing store id".into() })
+        .ok_or(Error::CorruptIndex {
+            cf: CF_META,
+            reason: "missing store id".into(),
+        })
 }
 
 /// Opens every segment file; in a writable open, truncates torn tails and
@@ -295,7 +330,10 @@ fn recover_segments(index: &Index, segs: &Segments, store_id: [u8; 16]) -> Resul
     let mut known: HashMap<SegmentId, SegmentEntry> = HashMap::new();
     for kv in index.scan(CF_SEGMENTS)? {
         let (k, v) = kv?;
-        let id = SegmentId(codec::u64_be(&k).ok_or(Error::CorruptIndex { cf: CF_SEGMENTS, reason: "bad key".into() })?);
+        let id = SegmentId(codec::u64_be(&k).ok_or(Error::CorruptIndex {
+            cf: CF_SEGMENTS,
+            reason: "bad key".into(),
+        })?);
         known.insert(id, SegmentEntry::decode(&v)?);
     }
     let mut max_id = 0;
@@ -303,13 +341,24 @@ fn recover_segments(index: &Index, segs: &Segments, store_id: [u8; 16]) -> Resul
     let mut batch = WriteBatch::default();
     for ent in entries {
         let ent = ent.map_err(|e| Error::io(segs.dir(), e))?;
-        let Some(id) = ent.file_name().to_str().and_then(SegmentId::parse_file_name) else {
+        let Some(id) = ent
+            .file_name()
+            .to_str()
+            .and_then(SegmentId::parse_file_name)
+        else {
             continue;
         };
         max_id = max_id.max(id.0);
         let path = ent.path();
-        let mode = if ro { OpenMode::ReadOnly } else { OpenMode::ReadWrite };
-        let file = segs.io().open(&path, mode).map_err(|e| Error::io(&path, e))?;
+        let mode = if ro {
+            OpenMode::ReadOnly
+        } else {
+            OpenMode::ReadWrite
+        };
+        let file = segs
+            .io()
+            .open(&path, mode)
+            .map_err(|e| Error::io(&path, e))?;
         let scan = scan_unsealed(&*file).map_err(|e| Error::io(&path, e))?;
         let durable = known.remove(&id).map(|e| e.durable_len).unwrap_or(0);
         let header = match scan.header.clone() {
@@ -327,14 +376,25 @@ fn recover_segments(index: &Index, segs: &Segments, store_id: [u8; 16]) -> Resul
                 tracing::warn!(segment = %id, %reason, "skipping a segment with a torn header and no committed data");
                 continue;
             }
-            Err(reason) => return Err(Error::CorruptSegment { segment: id, reason }),
+            Err(reason) => {
+                return Err(Error::CorruptSegment {
+                    segment: id,
+                    reason,
+                })
+            }
         };
         let min_bytes = crate::segment::format::HEADER_BYTES + crate::segment::format::FOOTER_BYTES;
         if header.segment_bytes < min_bytes || header.segment_bytes > u32::MAX as u64 {
-            return Err(Error::CorruptSegment { segment: id, reason: format!("implausible segment size {}", header.segment_bytes) });
+            return Err(Error::CorruptSegment {
+                segment: id,
+                reason: format!("implausible segment size {}", header.segment_bytes),
+            });
         }
         if header.segment != id || header.store_id != store_id {
-            return Err(Error::CorruptSegment { segment: id, reason: "header names another segment or store".into() });
+            return Err(Error::CorruptSegment {
+                segment: id,
+                reason: "header names another segment or store".into(),
+            });
         }
         if scan.data_end < durable {
             if ro {
@@ -342,7 +402,11 @@ fn recover_segments(index: &Index, segs: &Segments, store_id: [u8; 16]) -> Resul
                 segs.register(id, file);
                 continue;
             }
-            return Err(Error::DurableDataLost { segment: id, durable, found: scan.data_end });
+            return Err(Error::DurableDataLost {
+                segment: id,
+                durable,
+                found: scan.data_end,
+            });
         }
         if ro || scan.footer.is_some() {
             segs.register(id, file);
@@ -366,7 +430,15 @@ fn recover_segments(index: &Index, segs: &Segments, store_id: [u8; 16]) -> Resul
             data_crc: scan.data_crc,
         };
         seal_file(&*file, header.segment_bytes, &footer).map_err(|e| Error::io(&path, e))?;
-        batch.put_cf(cf, id.0.to_be_bytes(), SegmentEntry { sealed: true, durable_len: scan.data_end }.encode());
+        batch.put_cf(
+            cf,
+            id.0.to_be_bytes(),
+            SegmentEntry {
+                sealed: true,
+                durable_len: scan.data_end,
+            }
+            .encode(),
+        );
         segs.register(id, file);
     }
     for (id, e) in known {
@@ -382,10 +454,15 @@ fn recover_segments(index: &Index, segs: &Segments, store_id: [u8; 16]) -> Resul
         }
     }
     if !ro {
-        let next = index.meta_u64(META_NEXT_SEGMENT)?.unwrap_or(1).max(max_id + 1);
+        let next = index
+            .meta_u64(META_NEXT_SEGMENT)?
+            .unwrap_or(1)
+            .max(max_id + 1);
         batch.put_cf(index.cf(CF_META)?, META_NEXT_SEGMENT, next.to_le_bytes());
         index.write_synced(batch)?;
-        segs.io().sync_dir(segs.dir()).map_err(|e| Error::io(segs.dir(), e))?;
+        segs.io()
+            .sync_dir(segs.dir())
+            .map_err(|e| Error::io(segs.dir(), e))?;
     }
     Ok(())
 }
@@ -397,7 +474,10 @@ fn drop_pending(index: &Index) -> Result<()> {
     for kv in index.scan(CF_PENDING)? {
         let (k, _) = kv?;
         let Some(r) = codec::u64_be(&k) else { continue };
-        let to = r.checked_add(1).map(|n| n.to_be_bytes()).unwrap_or([0xff; 8]);
+        let to = r
+            .checked_add(1)
+            .map(|n| n.to_be_bytes())
+            .unwrap_or([0xff; 8]);
         batch.delete_range_cf(index.cf(CF_RECIPES)?, &k[..8], &to[..]);
         batch.delete_range_cf(index.cf(CF_STAGED)?, &k[..8], &to[..]);
         batch.delete_cf(index.cf(CF_PENDING)?, &k);
@@ -405,7 +485,10 @@ fn drop_pending(index: &Index) -> Result<()> {
     }
     if n > 0 {
         index.write_synced(batch)?;
-        tracing::info!(writes = n, "discarded uncommitted writes from before a restart");
+        tracing::info!(
+            writes = n,
+            "discarded uncommitted writes from before a restart"
+        );
     }
     Ok(())
 }

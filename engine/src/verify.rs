@@ -5,14 +5,14 @@ use crate::error::Result;
 use crate::ids::{ChunkId, Digest, SegmentId};
 use crate::index::codec::{BlobEntry, ChunkEntry};
 use crate::index::{CF_BLOBS, CF_CHUNKS, CF_PENDING, CF_STAGED};
+use crate::read::BlobReader;
 use crate::read::{load_chunk, recipe_parts};
 use crate::segment::scan_segment;
 use crate::store::{Inner, Store};
-use crate::read::BlobReader;
 use crate::write::Hasher;
-use std::sync::Arc;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 /// Progress of a long verify, for progress bars.
 #[derive(Clone, Copy, Debug)]
@@ -26,30 +26,75 @@ pub struct Progress {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Problem {
     /// Reading the blob failed; `error` names segment and offset when it is damage.
-    BlobUnreadable { digest: Digest, error: String },
-    BlobDigestMismatch { digest: Digest, actual: Digest },
-    BlobSizeMismatch { digest: Digest, recorded: u64, actual: u64 },
+    BlobUnreadable {
+        digest: Digest,
+        error: String,
+    },
+    BlobDigestMismatch {
+        digest: Digest,
+        actual: Digest,
+    },
+    BlobSizeMismatch {
+        digest: Digest,
+        recorded: u64,
+        actual: u64,
+    },
     /// A recipe names a chunk that the index does not have.
-    DanglingChunk { digest: Digest, chunk: ChunkId },
+    DanglingChunk {
+        digest: Digest,
+        chunk: ChunkId,
+    },
     /// A chunk in the index fails its checks.
-    ChunkCorrupt { chunk: ChunkId, error: String },
-    RefcountMismatch { chunk: ChunkId, recorded: u64, actual: u64 },
-    SegmentDamaged { segment: SegmentId, detail: String },
-    IndexCorrupt { detail: String },
+    ChunkCorrupt {
+        chunk: ChunkId,
+        error: String,
+    },
+    RefcountMismatch {
+        chunk: ChunkId,
+        recorded: u64,
+        actual: u64,
+    },
+    SegmentDamaged {
+        segment: SegmentId,
+        detail: String,
+    },
+    IndexCorrupt {
+        detail: String,
+    },
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Problem::BlobUnreadable { digest, error } => write!(f, "blob {digest} unreadable: {error}"),
-            Problem::BlobDigestMismatch { digest, actual } => write!(f, "blob {digest} re-hashes to {actual}"),
-            Problem::BlobSizeMismatch { digest, recorded, actual } => {
-                write!(f, "blob {digest} records {recorded} bytes but its recipe holds {actual}")
+            Problem::BlobUnreadable { digest, error } => {
+                write!(f, "blob {digest} unreadable: {error}")
             }
-            Problem::DanglingChunk { digest, chunk } => write!(f, "blob {digest} names missing chunk {chunk:?}"),
+            Problem::BlobDigestMismatch { digest, actual } => {
+                write!(f, "blob {digest} re-hashes to {actual}")
+            }
+            Problem::BlobSizeMismatch {
+                digest,
+                recorded,
+                actual,
+            } => {
+                write!(
+                    f,
+                    "blob {digest} records {recorded} bytes but its recipe holds {actual}"
+                )
+            }
+            Problem::DanglingChunk { digest, chunk } => {
+                write!(f, "blob {digest} names missing chunk {chunk:?}")
+            }
             Problem::ChunkCorrupt { chunk, error } => write!(f, "chunk {chunk:?}: {error}"),
-            Problem::RefcountMismatch { chunk, recorded, actual } => {
-                write!(f, "chunk {chunk:?} records {recorded} references, recount finds {actual}")
+            Problem::RefcountMismatch {
+                chunk,
+                recorded,
+                actual,
+            } => {
+                write!(
+                    f,
+                    "chunk {chunk:?} records {recorded} references, recount finds {actual}"
+                )
             }
             Problem::SegmentDamaged { segment, detail } => write!(f, "segment {segment}: {detail}"),
             Problem::IndexCorrupt { detail } => write!(f, "index: {detail}"),
@@ -103,10 +148,14 @@ fn verify(inner: &Arc<Inner>, progress: &mut dyn FnMut(Progress)) -> Result<Veri
         let (k, v) = kv?;
         match (Digest::from_key(&k), BlobEntry::decode(&v)) {
             (Ok(d), Ok(e)) => blobs.push((d, e)),
-            (Err(e), _) | (_, Err(e)) => rep.problems.push(Problem::IndexCorrupt { detail: e.to_string() }),
+            (Err(e), _) | (_, Err(e)) => rep.problems.push(Problem::IndexCorrupt {
+                detail: e.to_string(),
+            }),
         }
     }
-    let total: u64 = blobs.iter().fold(0u64, |a, (_, e)| a.saturating_add(e.size));
+    let total: u64 = blobs
+        .iter()
+        .fold(0u64, |a, (_, e)| a.saturating_add(e.size));
     let mut done = 0u64;
     let mut recount: HashMap<ChunkId, u64> = HashMap::new();
     for (digest, entry) in &blobs {
@@ -116,36 +165,55 @@ fn verify(inner: &Arc<Inner>, progress: &mut dyn FnMut(Progress)) -> Result<Veri
         }
         verify_blob(inner, digest, entry, &mut recount, &mut rep);
         done = done.saturating_add(entry.size);
-        progress(Progress { phase: "blobs", done, total });
+        progress(Progress {
+            phase: "blobs",
+            done,
+            total,
+        });
     }
     let mut live: HashSet<(SegmentId, u32)> = HashSet::new();
     let chunk_total = recount.len() as u64;
     for kv in index.scan(CF_CHUNKS)? {
         let (k, v) = kv?;
         let (Some(id), Ok(entry)) = (ChunkId::from_slice(&k), ChunkEntry::decode(&v)) else {
-            rep.problems.push(Problem::IndexCorrupt { detail: format!("bad chunk entry {}", hex::encode(&k)) });
+            rep.problems.push(Problem::IndexCorrupt {
+                detail: format!("bad chunk entry {}", hex::encode(&k)),
+            });
             continue;
         };
         rep.chunks += 1;
         live.insert((entry.loc.segment, entry.loc.offset));
         let actual = recount.remove(&id).unwrap_or(0);
         if actual != entry.refs {
-            rep.problems.push(Problem::RefcountMismatch { chunk: id, recorded: entry.refs, actual });
+            rep.problems.push(Problem::RefcountMismatch {
+                chunk: id,
+                recorded: entry.refs,
+                actual,
+            });
         }
         if actual == 0 {
             // Not read through any blob above: check it on its own.
             rep.unreferenced_chunks += 1;
             rep.unreferenced_chunk_bytes += entry.loc.record_len();
             if let Err(e) = load_chunk(inner, &id, &entry) {
-                rep.problems.push(Problem::ChunkCorrupt { chunk: id, error: e.to_string() });
+                rep.problems.push(Problem::ChunkCorrupt {
+                    chunk: id,
+                    error: e.to_string(),
+                });
             }
         }
         if rep.chunks % 4096 == 0 {
-            progress(Progress { phase: "chunks", done: rep.chunks, total: chunk_total.max(rep.chunks) });
+            progress(Progress {
+                phase: "chunks",
+                done: rep.chunks,
+                total: chunk_total.max(rep.chunks),
+            });
         }
     }
     for (chunk, _) in recount {
-        rep.problems.push(Problem::IndexCorrupt { detail: format!("chunk {chunk:?} is named by recipes but missing") });
+        rep.problems.push(Problem::IndexCorrupt {
+            detail: format!("chunk {chunk:?} is named by recipes but missing"),
+        });
     }
     verify_segments(inner, &live, &mut rep, progress)?;
     rep.pending_writes = index.scan(CF_PENDING)?.count() as u64;
@@ -153,7 +221,13 @@ fn verify(inner: &Arc<Inner>, progress: &mut dyn FnMut(Progress)) -> Result<Veri
     Ok(rep)
 }
 
-fn verify_blob(inner: &Arc<Inner>, digest: &Digest, entry: &BlobEntry, recount: &mut HashMap<ChunkId, u64>, rep: &mut VerifyReport) {
+fn verify_blob(
+    inner: &Arc<Inner>,
+    digest: &Digest,
+    entry: &BlobEntry,
+    recount: &mut HashMap<ChunkId, u64>,
+    rep: &mut VerifyReport,
+) {
     let mut size = 0u64;
     let mut chunks = 0u64;
     let mut dangling = false;
@@ -161,12 +235,20 @@ fn verify_blob(inner: &Arc<Inner>, digest: &Digest, entry: &BlobEntry, recount: 
         let part = match part {
             Ok(p) => p,
             Err(e) => {
-                rep.problems.push(Problem::BlobUnreadable { digest: digest.clone(), error: e.to_string() });
+                rep.problems.push(Problem::BlobUnreadable {
+                    digest: digest.clone(),
+                    error: e.to_string(),
+                });
                 return;
             }
         };
         if part.start != size {
-            rep.problems.push(Problem::IndexCorrupt { detail: format!("blob {digest}: recipe part starts at {} not {size}", part.start) });
+            rep.problems.push(Problem::IndexCorrupt {
+                detail: format!(
+                    "blob {digest}: recipe part starts at {} not {size}",
+                    part.start
+                ),
+            });
         }
         for e in &part.entries {
             size = size.saturating_add(e.raw_len as u64);
@@ -174,12 +256,19 @@ fn verify_blob(inner: &Arc<Inner>, digest: &Digest, entry: &BlobEntry, recount: 
             *recount.entry(e.chunk).or_insert(0) += 1;
             if !dangling && matches!(inner.index.chunk(&e.chunk), Ok(None)) {
                 dangling = true;
-                rep.problems.push(Problem::DanglingChunk { digest: digest.clone(), chunk: e.chunk });
+                rep.problems.push(Problem::DanglingChunk {
+                    digest: digest.clone(),
+                    chunk: e.chunk,
+                });
             }
         }
     }
     if size != entry.size || chunks != entry.chunk_count {
-        rep.problems.push(Problem::BlobSizeMismatch { digest: digest.clone(), recorded: entry.size, actual: size });
+        rep.problems.push(Problem::BlobSizeMismatch {
+            digest: digest.clone(),
+            recorded: entry.size,
+            actual: size,
+        });
         return;
     }
     if dangling {
@@ -189,7 +278,10 @@ fn verify_blob(inner: &Arc<Inner>, digest: &Digest, entry: &BlobEntry, recount: 
     let mut r = match BlobReader::new(inner.clone(), digest, 0, None) {
         Ok(r) => r,
         Err(e) => {
-            rep.problems.push(Problem::BlobUnreadable { digest: digest.clone(), error: e.to_string() });
+            rep.problems.push(Problem::BlobUnreadable {
+                digest: digest.clone(),
+                error: e.to_string(),
+            });
             return;
         }
     };
@@ -201,15 +293,23 @@ fn verify_blob(inner: &Arc<Inner>, digest: &Digest, entry: &BlobEntry, recount: 
             }
             Ok(None) => break,
             Err(e) => {
-                rep.problems.push(Problem::BlobUnreadable { digest: digest.clone(), error: e.to_string() });
+                rep.problems.push(Problem::BlobUnreadable {
+                    digest: digest.clone(),
+                    error: e.to_string(),
+                });
                 return;
             }
         }
     }
     match hasher.finish() {
         Ok(a) if a == *digest => {}
-        Ok(a) => rep.problems.push(Problem::BlobDigestMismatch { digest: digest.clone(), actual: a }),
-        Err(e) => rep.problems.push(Problem::IndexCorrupt { detail: e.to_string() }),
+        Ok(a) => rep.problems.push(Problem::BlobDigestMismatch {
+            digest: digest.clone(),
+            actual: a,
+        }),
+        Err(e) => rep.problems.push(Problem::IndexCorrupt {
+            detail: e.to_string(),
+        }),
     }
 }
 
@@ -231,7 +331,10 @@ fn verify_segments(
                 dead.1 += h.total_len();
             }
         });
-        let damaged = |detail: String| Problem::SegmentDamaged { segment: id, detail };
+        let damaged = |detail: String| Problem::SegmentDamaged {
+            segment: id,
+            detail,
+        };
         match scan {
             Err(e) => rep.problems.push(damaged(format!("read failed: {e}"))),
             Ok(s) => {
@@ -246,7 +349,8 @@ fn verify_segments(
                         if let Some(why) = &s.stopped {
                             rep.problems.push(damaged(why.clone()));
                         } else if f.data_crc != s.data_crc || f.record_count != s.record_count {
-                            rep.problems.push(damaged("footer checksum or record count mismatch".into()));
+                            rep.problems
+                                .push(damaged("footer checksum or record count mismatch".into()));
                         }
                     }
                     (None, Some(k)) if k.sealed || s.data_end < k.durable_len => {
@@ -254,14 +358,21 @@ fn verify_segments(
                             "{} valid bytes but {} are recorded durable{}",
                             s.data_end,
                             k.durable_len,
-                            s.stopped.as_deref().map(|w| format!(" ({w})")).unwrap_or_default()
+                            s.stopped
+                                .as_deref()
+                                .map(|w| format!(" ({w})"))
+                                .unwrap_or_default()
                         )));
                     }
                     _ => {}
                 }
             }
         }
-        progress(Progress { phase: "segments", done: rep.segments, total });
+        progress(Progress {
+            phase: "segments",
+            done: rep.segments,
+            total,
+        });
     }
     Ok(())
 }

@@ -6,16 +6,19 @@
 
 use crate::chunker::Chunker;
 use crate::commit::Request;
-use crate::compress::Compressor;
+use crate::compress::{looks_compressible, Compressor};
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, Digest, DigestAlgorithm, RecipeId};
-use crate::index::codec::{recipe_key, recipe_prefix, staged_key, RecipeEntry, RecipePart, RECIPE_PART_ENTRIES};
+use crate::index::codec::{
+    recipe_key, recipe_prefix, staged_key, RecipeEntry, RecipePart, RECIPE_PART_ENTRIES,
+};
 use crate::index::{CF_PENDING, CF_RECIPES, CF_STAGED};
 use crate::segment::format::{FLAG_ZSTD, RECORD_HEADER_BYTES};
 use crate::segment::PreparedChunk;
 use crate::store::{now_unix_ms, BlobInfo, Inner, INFLIGHT_CHUNKS_MAX};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
+use rayon::prelude::*;
 use rocksdb::WriteBatch;
 use sha2::Digest as _;
 use std::collections::HashSet;
@@ -73,9 +76,16 @@ impl BlobWriter {
         inner.segments.check_writable()?;
         let recipe = inner.next_recipe_id()?;
         let mut b = WriteBatch::default();
-        b.put_cf(inner.index.cf(CF_PENDING)?, recipe_prefix(recipe), now_unix_ms().to_le_bytes());
+        b.put_cf(
+            inner.index.cf(CF_PENDING)?,
+            recipe_prefix(recipe),
+            now_unix_ms().to_le_bytes(),
+        );
         inner.index.write_unsynced(b)?;
-        let alg = expected.as_ref().map(|d| d.algorithm()).unwrap_or(DigestAlgorithm::Sha256);
+        let alg = expected
+            .as_ref()
+            .map(|d| d.algorithm())
+            .unwrap_or(DigestAlgorithm::Sha256);
         let hasher = Hasher::new(alg);
         let (tx, rx) = crossbeam_channel::bounded(inner.cfg.write_pipeline_pieces_max);
         let i2 = inner.clone();
@@ -109,7 +119,11 @@ impl BlobWriter {
             h.update(&piece);
         }
         self.size += piece.len() as u64;
-        let sent = self.tx.as_ref().map(|tx| tx.send(piece).is_ok()).unwrap_or(false);
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send(piece).is_ok())
+            .unwrap_or(false);
         if !sent {
             // The worker stopped early: report its error.
             self.tx = None;
@@ -121,7 +135,9 @@ impl BlobWriter {
     fn join_worker(&mut self) -> Result<WorkerSummary> {
         self.tx = None;
         match self.worker.take() {
-            Some(h) => h.join().map_err(|_| Error::Config("chunker thread panicked".into()))?,
+            Some(h) => h
+                .join()
+                .map_err(|_| Error::Config("chunker thread panicked".into()))?,
             None => Err(Error::ShuttingDown),
         }
     }
@@ -143,12 +159,18 @@ impl BlobWriter {
         if let Some(expected) = &self.expected {
             if *expected != actual {
                 self.discard();
-                return Err(Error::DigestMismatch { expected: expected.clone(), actual });
+                return Err(Error::DigestMismatch {
+                    expected: expected.clone(),
+                    actual,
+                });
             }
         }
         if summary.bytes != self.size {
             self.discard();
-            return Err(Error::SizeMismatch { expected: self.size, actual: summary.bytes });
+            return Err(Error::SizeMismatch {
+                expected: self.size,
+                actual: summary.bytes,
+            });
         }
         let (recipe, size, chunk_count) = (self.recipe, self.size, summary.chunks);
         let digest = actual.clone();
@@ -168,7 +190,13 @@ impl BlobWriter {
                 return Err(err);
             }
         };
-        Ok(BlobInfo { digest: actual, size: e.size, chunk_count: e.chunk_count, refs: e.refs, created_unix_ms: e.created_unix_ms })
+        Ok(BlobInfo {
+            digest: actual,
+            size: e.size,
+            chunk_count: e.chunk_count,
+            refs: e.refs,
+            created_unix_ms: e.created_unix_ms,
+        })
     }
 
     /// Discards the blob; its staged data becomes reclaimable.
@@ -209,11 +237,18 @@ impl RecipeSpill {
             return Ok(());
         }
         let mut batch = std::mem::take(&mut self.batch);
-        batch.put_cf(inner.index.cf(CF_RECIPES)?, recipe_key(self.recipe, self.part_no), self.part.encode());
+        batch.put_cf(
+            inner.index.cf(CF_RECIPES)?,
+            recipe_key(self.recipe, self.part_no),
+            self.part.encode(),
+        );
         inner.index.write_unsynced(batch)?;
         self.part_no += 1;
         let end = self.part.end();
-        self.part = RecipePart { start: end, entries: Vec::with_capacity(RECIPE_PART_ENTRIES) };
+        self.part = RecipePart {
+            start: end,
+            entries: Vec::with_capacity(RECIPE_PART_ENTRIES),
+        };
         Ok(())
     }
 }
@@ -239,45 +274,139 @@ fn chunk_worker(inner: Arc<Inner>, recipe: RecipeId, rx: Receiver<Bytes>) -> Res
             .spawn_scoped(scope, || append_stage(&inner, recipe, arx))
             .map_err(|e| Error::io("append thread", e))?;
         let cut = cut_stage(&inner, recipe, rx, atx);
-        let appended = appender.join().map_err(|_| Error::Config("append thread panicked".into()))?;
+        let appended = appender
+            .join()
+            .map_err(|_| Error::Config("append thread panicked".into()))?;
         appended?;
         cut
     })
 }
 
-fn cut_stage(inner: &Inner, recipe: RecipeId, rx: Receiver<Bytes>, atx: Sender<PreparedChunk>) -> Result<WorkerSummary> {
+/// Chunks named and compressed together on the rayon pool.
+const CUT_BATCH_CHUNKS: usize = 16;
+
+/// A cut chunk after naming and (when new and worth it) compression.
+struct Named {
+    chunk: Bytes,
+    id: ChunkId,
+    /// `Some` when the chunk is not yet in the index.
+    prepared: Option<(u8, Vec<u8>)>,
+}
+
+thread_local! {
+    /// One zstd context per thread of the pool, made on first use.
+    static COMPRESSOR: std::cell::RefCell<Option<Compressor>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Compresses on the current thread's cached context (see [`Compressor`]).
+fn compress_here(level: i32, chunk: &[u8]) -> Result<Option<Vec<u8>>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|c| c.level()) != Some(level) {
+            *slot = Some(Compressor::new(level).map_err(|e| Error::io("zstd", e))?);
+        }
+        Ok(slot
+            .as_mut()
+            .and_then(|c| c.maybe_compress(chunk, RECORD_HEADER_BYTES)))
+    })
+}
+
+fn cut_stage(
+    inner: &Inner,
+    recipe: RecipeId,
+    rx: Receiver<Bytes>,
+    atx: Sender<PreparedChunk>,
+) -> Result<WorkerSummary> {
     let mut chunker = Chunker::new(inner.cfg.chunk);
-    let mut comp = Compressor::new(inner.cfg.zstd_level).map_err(|e| Error::io("zstd", e))?;
-    let mut spill = RecipeSpill { recipe, part_no: 0, part: RecipePart::default(), batch: WriteBatch::default() };
+    let mut spill = RecipeSpill {
+        recipe,
+        part_no: 0,
+        part: RecipePart::default(),
+        batch: WriteBatch::default(),
+    };
     let mut sum = WorkerSummary::default();
     let mut sent: HashSet<ChunkId> = HashSet::new();
     let staged_cf = inner.index.cf(CF_STAGED)?;
-    let mut emit = |chunk: Bytes| -> Result<()> {
-        let id = inner.chunk_id(&chunk);
-        let raw_len = chunk.len() as u32;
-        if !sent.contains(&id) && inner.index.chunk(&id)?.is_none() {
-            let shared = inner.inflight.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|v| v.0);
-            match shared {
-                // Appended by another writer, not yet committed: share its placement.
-                Some(loc) => spill.batch.put_cf(staged_cf, staged_key(recipe, &id), loc.encode()),
-                None => {
-                    let (flags, record) = match comp.maybe_compress(&chunk, RECORD_HEADER_BYTES) {
-                        Some(z) => (FLAG_ZSTD, z),
-                        None => (0, PreparedChunk::buffer(&chunk)),
-                    };
-                    if sent.len() < SENT_IDS_MAX {
-                        sent.insert(id);
+    let level = inner.cfg.zstd_level;
+    let mut batch: Vec<Bytes> = Vec::with_capacity(CUT_BATCH_CHUNKS);
+    let mut process = |batch: &mut Vec<Bytes>| -> Result<()> {
+        // Naming and the dedupe lookup run here; compression of the chunks
+        // that the probe finds compressible runs in parallel on the pool.
+        let mut named = Vec::with_capacity(batch.len());
+        for chunk in std::mem::take(batch) {
+            let id = inner.chunk_id(&chunk);
+            let is_new = inner.index.chunk(&id)?.is_none() && !sent.contains(&id);
+            let compress = is_new && looks_compressible(&chunk);
+            named.push((chunk, id, is_new, compress));
+        }
+        let named: Vec<Result<Named>> = named
+            .into_par_iter()
+            .map(|(chunk, id, is_new, compress)| {
+                let z = if compress {
+                    compress_here(level, &chunk)?
+                } else {
+                    None
+                };
+                let prepared = is_new.then(|| match z {
+                    Some(z) => (FLAG_ZSTD, z),
+                    None => (0, PreparedChunk::buffer(&chunk)),
+                });
+                Ok(Named {
+                    chunk,
+                    id,
+                    prepared,
+                })
+            })
+            .collect();
+        for n in named {
+            let Named {
+                chunk,
+                id,
+                prepared,
+            } = n?;
+            let raw_len = chunk.len() as u32;
+            if let Some((flags, record)) = prepared {
+                let shared = inner
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&id)
+                    .map(|v| v.0);
+                match shared {
+                    // Appended by another writer, not yet committed: share its placement.
+                    Some(loc) => {
+                        spill
+                            .batch
+                            .put_cf(staged_cf, staged_key(recipe, &id), loc.encode())
                     }
-                    // A closed queue means the appender failed; its error is reported.
-                    atx.send(PreparedChunk { id, flags, raw_len, record }).map_err(|_| Error::ShuttingDown)?;
+                    None => {
+                        if sent.len() < SENT_IDS_MAX {
+                            sent.insert(id);
+                        }
+                        // A closed queue means the appender failed; its error is reported.
+                        atx.send(PreparedChunk {
+                            id,
+                            flags,
+                            raw_len,
+                            record,
+                        })
+                        .map_err(|_| Error::ShuttingDown)?;
+                    }
                 }
             }
+            spill.part.entries.push(RecipeEntry { chunk: id, raw_len });
+            sum.chunks += 1;
+            sum.bytes += raw_len as u64;
+            if spill.part.entries.len() >= RECIPE_PART_ENTRIES {
+                spill.flush(inner)?;
+            }
         }
-        spill.part.entries.push(RecipeEntry { chunk: id, raw_len });
-        sum.chunks += 1;
-        sum.bytes += raw_len as u64;
-        if spill.part.entries.len() >= RECIPE_PART_ENTRIES {
-            spill.flush(inner)?;
+        Ok(())
+    };
+    let mut emit = |chunk: Bytes| -> Result<()> {
+        batch.push(chunk);
+        if batch.len() >= CUT_BATCH_CHUNKS {
+            process(&mut batch)?;
         }
         Ok(())
     };
@@ -286,6 +415,8 @@ fn cut_stage(inner: &Inner, recipe: RecipeId, rx: Receiver<Bytes>, atx: Sender<P
     }
     chunker.finish(&mut emit)?;
     drop(emit);
+    process(&mut batch)?;
+    drop(process);
     spill.flush(inner)?;
     Ok(sum)
 }

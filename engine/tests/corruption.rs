@@ -21,16 +21,24 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
 
 /// (offset, payload_len) of every record in a segment file.
 fn records(path: &Path) -> Vec<(u64, u64)> {
-    let f = PreadIo.open(path, OpenMode::ReadOnly).unwrap_or_else(|e| panic!("{e}"));
+    let f = PreadIo
+        .open(path, OpenMode::ReadOnly)
+        .unwrap_or_else(|e| panic!("{e}"));
     let mut out = Vec::new();
-    scan_segment(&*f, |off, h| out.push((off, h.payload_len as u64))).unwrap_or_else(|e| panic!("{e}"));
+    scan_segment(&*f, |off, h| out.push((off, h.payload_len as u64)))
+        .unwrap_or_else(|e| panic!("{e}"));
     out
 }
 
 fn flip(path: &Path, at: u64) {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap_or_else(|e| panic!("{e}"));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{e}"));
     let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).unwrap_or_else(|e| panic!("{e}"));
+    f.read_exact_at(&mut b, at)
+        .unwrap_or_else(|e| panic!("{e}"));
     b[0] ^= 0x20;
     f.write_all_at(&b, at).unwrap_or_else(|e| panic!("{e}"));
 }
@@ -39,8 +47,15 @@ fn populate(cfg: &StoreConfig) -> Vec<(Digest, Vec<u8>)> {
     let s = open(cfg);
     let blobs: Vec<_> = (0..6u64)
         .map(|i| {
-            let data = if i % 2 == 0 { noise(i, 40_000) } else { text(i, 40_000) };
-            (s.put(&data, None).unwrap_or_else(|e| panic!("{e}")).digest, data)
+            let data = if i % 2 == 0 {
+                noise(i, 40_000)
+            } else {
+                text(i, 40_000)
+            };
+            (
+                s.put(&data, None).unwrap_or_else(|e| panic!("{e}")).digest,
+                data,
+            )
         })
         .collect();
     s.close().unwrap_or_else(|e| panic!("{e}"));
@@ -82,8 +97,14 @@ fn flipped_payload_bit_is_reported_and_reads_fail() {
         })
         .collect();
     assert!(!named.is_empty(), "{:?}", rep.problems);
-    assert!(named.iter().all(|(_, e)| e.contains("segment")), "{named:?}");
-    assert!(rep.problems.iter().any(|p| matches!(p, Problem::SegmentDamaged { .. })));
+    assert!(
+        named.iter().all(|(_, e)| e.contains("segment")),
+        "{named:?}"
+    );
+    assert!(rep
+        .problems
+        .iter()
+        .any(|p| matches!(p, Problem::SegmentDamaged { .. })));
     let failed = reads_never_lie(&s, &blobs);
     assert_eq!(failed, named.len());
 }
@@ -99,7 +120,11 @@ fn flipped_header_bit_is_a_checksum_mismatch() {
     let s = Store::open(cfg).unwrap_or_else(|e| panic!("{e}"));
     assert!(!s.verify().unwrap_or_else(|e| panic!("{e}")).is_clean());
     let errs: Vec<_> = blobs.iter().filter_map(|(d, _)| s.get(d).err()).collect();
-    assert!(errs.iter().any(|e| matches!(e, Error::ChecksumMismatch { .. })), "{errs:?}");
+    assert!(
+        errs.iter()
+            .any(|e| matches!(e, Error::ChecksumMismatch { .. })),
+        "{errs:?}"
+    );
     reads_never_lie(&s, &blobs);
 }
 
@@ -109,18 +134,37 @@ fn truncated_segment_refuses_writable_open_but_fsck_reports() {
     let cfg = small_config(dir.path());
     let blobs = populate(&cfg);
     let seg = &segment_files(dir.path())[1];
-    let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap_or_else(|e| panic!("{e}"));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(seg)
+        .unwrap_or_else(|e| panic!("{e}"));
     let (off, _) = records(seg)[2];
     f.set_len(off + 100).unwrap_or_else(|e| panic!("{e}"));
     drop(f);
     let r = Store::open(cfg.clone());
-    assert!(matches!(r, Err(Error::DurableDataLost { .. })), "{:?}", r.err());
+    assert!(
+        matches!(r, Err(Error::DurableDataLost { .. })),
+        "{:?}",
+        r.err()
+    );
     let mut ro = cfg;
     ro.read_only = true;
     let s = Store::open(ro).unwrap_or_else(|e| panic!("{e}"));
     let rep = s.verify().unwrap_or_else(|e| panic!("{e}"));
-    assert!(rep.problems.iter().any(|p| matches!(p, Problem::SegmentDamaged { .. })), "{:?}", rep.problems);
-    assert!(rep.problems.iter().any(|p| matches!(p, Problem::BlobUnreadable { .. })), "{:?}", rep.problems);
+    assert!(
+        rep.problems
+            .iter()
+            .any(|p| matches!(p, Problem::SegmentDamaged { .. })),
+        "{:?}",
+        rep.problems
+    );
+    assert!(
+        rep.problems
+            .iter()
+            .any(|p| matches!(p, Problem::BlobUnreadable { .. })),
+        "{:?}",
+        rep.problems
+    );
     assert!(reads_never_lie(&s, &blobs) > 0);
 }
 
@@ -131,7 +175,10 @@ fn bit_flips_on_read_never_return_wrong_bytes() {
     let cfg = fault_config(dir.path(), &io);
     let blobs = populate(&cfg);
     let s = open(&cfg);
-    io.set_config(FaultConfig { read_bitflip_ppm: 200_000, ..Default::default() });
+    io.set_config(FaultConfig {
+        read_bitflip_ppm: 200_000,
+        ..Default::default()
+    });
     let mut failed = 0;
     for _ in 0..5 {
         failed += reads_never_lie(&s, &blobs);
@@ -148,16 +195,30 @@ fn torn_writes_poison_until_reopen() {
     let io = FaultIo::new(7, FaultConfig::default());
     let cfg = fault_config(dir.path(), &io);
     let s = open(&cfg);
-    let keep = s.put(&noise(1, 30_000), None).unwrap_or_else(|e| panic!("{e}")).digest;
-    io.set_config(FaultConfig { torn_write_ppm: 1_000_000, ..Default::default() });
+    let keep = s
+        .put(&noise(1, 30_000), None)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .digest;
+    io.set_config(FaultConfig {
+        torn_write_ppm: 1_000_000,
+        ..Default::default()
+    });
     assert!(s.put(&noise(2, 30_000), None).is_err());
     io.set_config(FaultConfig::default());
-    assert!(matches!(s.put(&noise(3, 30_000), None), Err(Error::Poisoned)));
+    assert!(matches!(
+        s.put(&noise(3, 30_000), None),
+        Err(Error::Poisoned)
+    ));
     assert!(matches!(s.add_ref(&keep), Err(Error::Poisoned)));
-    assert_eq!(s.get(&keep).map(|v| v.len()).ok(), Some(30_000), "reads still work");
+    assert_eq!(
+        s.get(&keep).map(|v| v.len()).ok(),
+        Some(30_000),
+        "reads still work"
+    );
     drop(s);
     let s = open(&cfg);
-    s.put(&noise(3, 30_000), None).unwrap_or_else(|e| panic!("{e}"));
+    s.put(&noise(3, 30_000), None)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_clean(&s);
 }
 
@@ -168,5 +229,8 @@ fn garbage_segment_file_is_an_error_not_a_panic() {
     populate(&cfg);
     let seg = &segment_files(dir.path())[0];
     std::fs::write(seg, noise(5, 70_000)).unwrap_or_else(|e| panic!("{e}"));
-    assert!(matches!(Store::open(cfg), Err(Error::CorruptSegment { .. })));
+    assert!(matches!(
+        Store::open(cfg),
+        Err(Error::CorruptSegment { .. })
+    ));
 }

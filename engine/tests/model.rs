@@ -26,7 +26,11 @@ enum Op {
 fn blob_of(parts: &[(u8, u16)], tail: u16) -> Vec<u8> {
     let mut v = Vec::new();
     for (block, len) in parts {
-        let b = if block % 2 == 0 { noise(*block as u64, 6000) } else { text(*block as u64, 6000) };
+        let b = if block % 2 == 0 {
+            noise(*block as u64, 6000)
+        } else {
+            text(*block as u64, 6000)
+        };
         v.extend_from_slice(&b[..(*len as usize).min(b.len())]);
     }
     v.extend_from_slice(&noise(0xdead_0000 + tail as u64, tail as usize % 300));
@@ -69,10 +73,16 @@ fn check_all(store: &Store, m: &Model) {
     for (d, (data, refs)) in &m.blobs {
         let got = store.get(d).unwrap_or_else(|e| panic!("get {d}: {e}"));
         assert!(got == *data, "blob {d} differs");
-        let info = store.stat(d).unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|| panic!("{d} missing"));
+        let info = store
+            .stat(d)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("{d} missing"));
         assert_eq!(info.refs, *refs);
     }
-    assert_eq!(store.stats().unwrap_or_else(|e| panic!("{e}")).blobs, m.blobs.len() as u64);
+    assert_eq!(
+        store.stats().unwrap_or_else(|e| panic!("{e}")).blobs,
+        m.blobs.len() as u64
+    );
     assert_clean(store);
 }
 
@@ -81,7 +91,10 @@ fn run(ops: Vec<Op>, seed: u64) {
     let io = FaultIo::new(seed, FaultConfig::default());
     let cfg: StoreConfig = fault_config(dir.path(), &io);
     let mut store = Some(open(&cfg));
-    let mut m = Model { blobs: BTreeMap::new(), poisoned: false };
+    let mut m = Model {
+        blobs: BTreeMap::new(),
+        poisoned: false,
+    };
     for op in ops {
         let s = store.as_ref().unwrap_or_else(|| panic!("store"));
         match op {
@@ -106,7 +119,10 @@ fn run(ops: Vec<Op>, seed: u64) {
                 }
                 assert!(s.stat(&wrong).unwrap_or_else(|e| panic!("{e}")).is_none());
                 let actual = Digest::sha256_of(&data);
-                assert_eq!(s.stat(&actual).unwrap_or_else(|e| panic!("{e}")).is_some(), m.blobs.contains_key(&actual));
+                assert_eq!(
+                    s.stat(&actual).unwrap_or_else(|e| panic!("{e}")).is_some(),
+                    m.blobs.contains_key(&actual)
+                );
             }
             Op::Get(i) => {
                 if let Some(d) = m.pick(i) {
@@ -118,11 +134,15 @@ fn run(ops: Vec<Op>, seed: u64) {
                     let data = &m.blobs[&d].0;
                     let off = a as usize % (data.len() + 1);
                     let len = b as usize % (data.len() - off + 1);
-                    let mut r = s.range_reader(&d, off as u64, len as u64).unwrap_or_else(|e| panic!("{e}"));
+                    let mut r = s
+                        .range_reader(&d, off as u64, len as u64)
+                        .unwrap_or_else(|e| panic!("{e}"));
                     let mut got = Vec::new();
                     std::io::Read::read_to_end(&mut r, &mut got).unwrap_or_else(|e| panic!("{e}"));
                     assert!(got == data[off..off + len], "range {off}+{len} of {d}");
-                    assert!(s.range_reader(&d, off as u64, (data.len() - off + 1) as u64).is_err());
+                    assert!(s
+                        .range_reader(&d, off as u64, (data.len() - off + 1) as u64)
+                        .is_err());
                 }
             }
             Op::AddRef(i) => {
@@ -169,7 +189,10 @@ fn run(ops: Vec<Op>, seed: u64) {
             }
             Op::FailNextSync(p) => {
                 let data = blob_of(&p, 2);
-                io.set_config(FaultConfig { sync_eio_ppm: 1_000_000, ..Default::default() });
+                io.set_config(FaultConfig {
+                    sync_eio_ppm: 1_000_000,
+                    ..Default::default()
+                });
                 let r = s.put(&data, None);
                 io.set_config(FaultConfig::default());
                 let d = Digest::sha256_of(&data);

@@ -26,11 +26,17 @@ fn put_get_dedupe_and_stats() {
     // b shares its first ~200 KB with a, so far fewer bytes are stored than pushed.
     assert!(st.unique_bytes < (a.len() + 60_000) as u64, "{st:?}");
     assert!(st.dedupe_ratio() > 1.5);
-    assert!(st.segments.len() > 2, "64 KiB segments must have been sealed");
+    assert!(
+        st.segments.len() > 2,
+        "64 KiB segments must have been sealed"
+    );
     // Pushing the same blob again stores nothing new.
     let before = st.stored_bytes;
     s.put(&a, None).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(s.stats().unwrap_or_else(|e| panic!("{e}")).stored_bytes, before);
+    assert_eq!(
+        s.stats().unwrap_or_else(|e| panic!("{e}")).stored_bytes,
+        before
+    );
     assert_clean(&s);
 }
 
@@ -50,13 +56,21 @@ fn compressible_data_is_compressed() {
 fn empty_blob_and_zero_length_pieces() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let s = open(&small_config(dir.path()));
-    let mut w = s.writer(Some(Digest::sha256_of(b""))).unwrap_or_else(|e| panic!("{e}"));
+    let mut w = s
+        .writer(Some(Digest::sha256_of(b"")))
+        .unwrap_or_else(|e| panic!("{e}"));
     w.write(Bytes::new()).unwrap_or_else(|e| panic!("{e}"));
     let info = w.commit().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((info.size, info.chunk_count), (0, 0));
-    assert_eq!(s.get(&info.digest).unwrap_or_else(|e| panic!("{e}")), Vec::<u8>::new());
+    assert_eq!(
+        s.get(&info.digest).unwrap_or_else(|e| panic!("{e}")),
+        Vec::<u8>::new()
+    );
     assert!(s.range_reader(&info.digest, 0, 0).is_ok());
-    assert!(matches!(s.range_reader(&info.digest, 0, 1), Err(Error::RangeInvalid { .. })));
+    assert!(matches!(
+        s.range_reader(&info.digest, 0, 1),
+        Err(Error::RangeInvalid { .. })
+    ));
     assert_clean(&s);
 }
 
@@ -69,21 +83,32 @@ fn digest_mismatch_and_truncated_stream_commit_nothing() {
     // A stream cut short: the digest of what arrived differs from the one named.
     let r = s.put(&data[..60_000], Some(expected.clone()));
     assert!(matches!(r, Err(Error::DigestMismatch { .. })), "{r:?}");
-    assert!(s.stat(&expected).unwrap_or_else(|e| panic!("{e}")).is_none());
-    assert!(s.stat(&Digest::sha256_of(&data[..60_000])).unwrap_or_else(|e| panic!("{e}")).is_none());
+    assert!(s
+        .stat(&expected)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .is_none());
+    assert!(s
+        .stat(&Digest::sha256_of(&data[..60_000]))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .is_none());
     assert!(matches!(s.get(&expected), Err(Error::BlobUnknown(_))));
     // An abandoned writer commits nothing either.
     let mut w = s.writer(None).unwrap_or_else(|e| panic!("{e}"));
-    w.write(Bytes::from(noise(5, 30_000))).unwrap_or_else(|e| panic!("{e}"));
+    w.write(Bytes::from(noise(5, 30_000)))
+        .unwrap_or_else(|e| panic!("{e}"));
     drop(w);
     let st = s.stats().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(st.blobs, 0);
     let rep = s.verify().unwrap_or_else(|e| panic!("{e}"));
     assert!(rep.is_clean(), "{:?}", rep.problems);
-    assert!(rep.dead_records > 0, "the refused data is reclaimable, not referenced");
+    assert!(
+        rep.dead_records > 0,
+        "the refused data is reclaimable, not referenced"
+    );
     assert_eq!(rep.pending_writes, 0);
     // The full stream with the right digest commits.
-    s.put(&data, Some(expected.clone())).unwrap_or_else(|e| panic!("{e}"));
+    s.put(&data, Some(expected.clone()))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(s.get(&expected).unwrap_or_else(|e| panic!("{e}")), data);
 }
 
@@ -92,8 +117,14 @@ fn sha512_digests_are_accepted() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let s = open(&small_config(dir.path()));
     let data = noise(6, 10_000);
-    let d = Digest::new(orlop_engine::DigestAlgorithm::Sha512, &sha2::Sha512::digest(&data)).unwrap_or_else(|e| panic!("{e}"));
-    let info = s.put(&data, Some(d.clone())).unwrap_or_else(|e| panic!("{e}"));
+    let d = Digest::new(
+        orlop_engine::DigestAlgorithm::Sha512,
+        &sha2::Sha512::digest(&data),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let info = s
+        .put(&data, Some(d.clone()))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(info.digest, d);
     assert_eq!(s.get(&d).unwrap_or_else(|e| panic!("{e}")), data);
     assert_clean(&s);
@@ -104,7 +135,10 @@ fn references_are_counted_exactly() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let cfg = small_config(dir.path());
     let s = open(&cfg);
-    let d = s.put(&noise(7, 20_000), None).unwrap_or_else(|e| panic!("{e}")).digest;
+    let d = s
+        .put(&noise(7, 20_000), None)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .digest;
     assert!(matches!(s.drop_ref(&d), Err(Error::RefUnderflow(_))));
     assert_eq!(s.add_ref(&d).unwrap_or_else(|e| panic!("{e}")), 1);
     assert_eq!(s.add_ref(&d).unwrap_or_else(|e| panic!("{e}")), 2);
@@ -113,9 +147,17 @@ fn references_are_counted_exactly() {
     assert!(matches!(s.add_ref(&unknown), Err(Error::BlobUnknown(_))));
     drop(s);
     let s = open(&cfg);
-    assert_eq!(s.stat(&d).unwrap_or_else(|e| panic!("{e}")).map(|i| i.refs), Some(1));
+    assert_eq!(
+        s.stat(&d).unwrap_or_else(|e| panic!("{e}")).map(|i| i.refs),
+        Some(1)
+    );
     assert_eq!(s.drop_ref(&d).unwrap_or_else(|e| panic!("{e}")), 0);
-    assert_eq!(s.stats().unwrap_or_else(|e| panic!("{e}")).unreferenced_blobs, 1);
+    assert_eq!(
+        s.stats()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unreferenced_blobs,
+        1
+    );
     assert_clean(&s);
 }
 
@@ -137,7 +179,10 @@ fn default_key_file_is_created_once() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let mut cfg = small_config(dir.path());
     cfg.key = KeySource::Default;
-    let d = open(&cfg).put(b"x", None).unwrap_or_else(|e| panic!("{e}")).digest;
+    let d = open(&cfg)
+        .put(b"x", None)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .digest;
     assert!(dir.path().join("store.key").exists());
     let s = open(&cfg);
     assert_eq!(s.get(&d).unwrap_or_else(|e| panic!("{e}")), b"x");
@@ -169,10 +214,16 @@ fn concurrent_writers_of_shared_data() {
             })
         })
         .collect();
-    let all: Vec<_> = handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|_| panic!("thread"))).collect();
+    let all: Vec<_> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap_or_else(|_| panic!("thread")))
+        .collect();
     for (d, data) in &all {
         assert_eq!(&s.get(d).unwrap_or_else(|e| panic!("{e}")), data);
-        assert_eq!(s.stat(d).unwrap_or_else(|e| panic!("{e}")).map(|i| i.refs), Some(1));
+        assert_eq!(
+            s.stat(d).unwrap_or_else(|e| panic!("{e}")).map(|i| i.refs),
+            Some(1)
+        );
     }
     let st = s.stats().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(st.blobs, 48);
@@ -205,7 +256,9 @@ fn blob_larger_than_4_gib_streams() {
     cfg.chunk = orlop_engine::ChunkParams::default();
     cfg.segment_bytes = 32 << 20;
     let s = open(&cfg);
-    let palette: Vec<Bytes> = (0..64).map(|i| Bytes::from(noise(1000 + i, BLOCK))).collect();
+    let palette: Vec<Bytes> = (0..64)
+        .map(|i| Bytes::from(noise(1000 + i, BLOCK)))
+        .collect();
     let block = |i: u64| palette[((i * 7) % 64) as usize].clone();
     let mut w = s.writer(None).unwrap_or_else(|e| panic!("{e}"));
     let mut h = sha2::Sha256::new();
@@ -214,14 +267,17 @@ fn blob_larger_than_4_gib_streams() {
         h.update(&b);
         w.write(b).unwrap_or_else(|e| panic!("{e}"));
     }
-    let expected = Digest::new(orlop_engine::DigestAlgorithm::Sha256, &h.finalize()).unwrap_or_else(|e| panic!("{e}"));
+    let expected = Digest::new(orlop_engine::DigestAlgorithm::Sha256, &h.finalize())
+        .unwrap_or_else(|e| panic!("{e}"));
     let info = w.commit().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(info.digest, expected);
     assert_eq!(info.size, BLOCKS * BLOCK as u64);
     assert!(info.size > 4 << 30);
     // A range that straddles the 4 GiB boundary.
     let off = (4u64 << 30) - 1000;
-    let mut r = s.range_reader(&info.digest, off, 3000).unwrap_or_else(|e| panic!("{e}"));
+    let mut r = s
+        .range_reader(&info.digest, off, 3000)
+        .unwrap_or_else(|e| panic!("{e}"));
     let mut got = Vec::new();
     std::io::Read::read_to_end(&mut r, &mut got).unwrap_or_else(|e| panic!("{e}"));
     let mut want = Vec::new();

@@ -9,7 +9,11 @@ use std::path::{Path, PathBuf};
 pub fn crash_store_config(dir: &Path) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
     c.key = KeySource::File(dir.join("test.key"));
-    c.chunk = ChunkParams { min_bytes: 1024, avg_bytes: 4096, max_bytes: 16384 };
+    c.chunk = ChunkParams {
+        min_bytes: 1024,
+        avg_bytes: 4096,
+        max_bytes: 16384,
+    };
     c.segment_bytes = 1 << 20;
     c.io = IoBackend::Auto;
     c
@@ -34,6 +38,9 @@ pub fn blob_content(seed: u64, i: u64) -> Vec<u8> {
 /// The `orlop` binary built beside this test (target/<profile>/orlop).
 pub fn orlop_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap_or_else(|| panic!("no target dir"));
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap_or_else(|| panic!("no target dir"));
     dir.join("orlop")
 }

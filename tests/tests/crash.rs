@@ -13,8 +13,14 @@ use std::time::Duration;
 
 #[test]
 fn acknowledged_writes_survive_sigkill() {
-    let cycles: u32 = std::env::var("ORLOP_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
-    let seed: u64 = std::env::var("ORLOP_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
+    let cycles: u32 = std::env::var("ORLOP_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let seed: u64 = std::env::var("ORLOP_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
     eprintln!("crash test: seed {seed}, {cycles} cycles (ORLOP_CRASH_SEED replays)");
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
@@ -32,7 +38,12 @@ fn acknowledged_writes_survive_sigkill() {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn: {e}"));
         let stdout = child.stdout.take().unwrap_or_else(|| panic!("stdout"));
-        let reader = std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
+        let reader = std::thread::spawn(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+        });
         std::thread::sleep(Duration::from_millis(rng.gen_range(20..250)));
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap_or_else(|e| panic!("{e}"));
@@ -46,29 +57,56 @@ fn acknowledged_writes_survive_sigkill() {
                     next = next.max(i + 1);
                 }
                 ["REF", d, n] => {
-                    refs.insert(d.parse().unwrap_or_else(|e| panic!("{e}")), n.parse().unwrap_or_else(|e| panic!("{e}")));
+                    refs.insert(
+                        d.parse().unwrap_or_else(|e| panic!("{e}")),
+                        n.parse().unwrap_or_else(|e| panic!("{e}")),
+                    );
                 }
                 _ => panic!("bad line from child: {line:?}"),
             }
         }
         // The child may have written blob `next` without acknowledging it; skip past it.
         next += 1;
-        let store = Store::open(crash_store_config(dir.path())).unwrap_or_else(|e| panic!("cycle {cycle}: reopen: {e}"));
+        let store = Store::open(crash_store_config(dir.path()))
+            .unwrap_or_else(|e| panic!("cycle {cycle}: reopen: {e}"));
         let rep = store.verify().unwrap_or_else(|e| panic!("{e}"));
-        assert!(rep.is_clean(), "cycle {cycle} (seed {seed}): {:#?}", rep.problems);
+        assert!(
+            rep.is_clean(),
+            "cycle {cycle} (seed {seed}): {:#?}",
+            rep.problems
+        );
         for (d, i) in &acked {
-            let got = store.get(d).unwrap_or_else(|e| panic!("cycle {cycle}: acknowledged blob {d} lost: {e}"));
-            assert!(got == blob_content(seed, *i), "cycle {cycle}: blob {d} differs");
-            let have = store.stat(d).unwrap_or_else(|e| panic!("{e}")).map(|s| s.refs).unwrap_or(0);
+            let got = store
+                .get(d)
+                .unwrap_or_else(|e| panic!("cycle {cycle}: acknowledged blob {d} lost: {e}"));
+            assert!(
+                got == blob_content(seed, *i),
+                "cycle {cycle}: blob {d} differs"
+            );
+            let have = store
+                .stat(d)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .map(|s| s.refs)
+                .unwrap_or(0);
             let want = refs.get(d).copied().unwrap_or(0);
             // At most one unacknowledged add_ref may have landed.
-            assert!(have == want || have == want + 1, "cycle {cycle}: {d} refs {have}, acknowledged {want}");
+            assert!(
+                have == want || have == want + 1,
+                "cycle {cycle}: {d} refs {have}, acknowledged {want}"
+            );
             refs.insert(d.clone(), have);
         }
         store.close().unwrap_or_else(|e| panic!("{e}"));
     }
-    assert!(acked.len() > cycles as usize, "the child must make progress: {} blobs", acked.len());
-    assert!(killed_mid_run > cycles / 2, "most cycles must end in SIGKILL");
+    assert!(
+        acked.len() > cycles as usize,
+        "the child must make progress: {} blobs",
+        acked.len()
+    );
+    assert!(
+        killed_mid_run > cycles / 2,
+        "most cycles must end in SIGKILL"
+    );
     let out = Command::new(orlop_bin())
         .args(["fsck", "--data"])
         .arg(dir.path())
@@ -77,7 +115,14 @@ fn acknowledged_writes_survive_sigkill() {
         .output()
         .unwrap_or_else(|e| panic!("run orlop fsck: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "orlop fsck: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "orlop fsck: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("store is clean"), "{stdout}");
-    eprintln!("crash test: {} blobs acknowledged over {cycles} kills", acked.len());
+    eprintln!(
+        "crash test: {} blobs acknowledged over {cycles} kills",
+        acked.len()
+    );
 }

@@ -19,14 +19,45 @@ pub struct FsckArgs {
 
 fn problem_json(p: &Problem) -> serde_json::Value {
     let (kind, mut v) = match p {
-        Problem::BlobUnreadable { digest, error } => ("blob_unreadable", serde_json::json!({"digest": digest.to_string(), "error": error})),
-        Problem::BlobDigestMismatch { digest, actual } => ("blob_digest_mismatch", serde_json::json!({"digest": digest.to_string(), "actual": actual.to_string()})),
-        Problem::BlobSizeMismatch { digest, recorded, actual } => ("blob_size_mismatch", serde_json::json!({"digest": digest.to_string(), "recorded": recorded, "actual": actual})),
-        Problem::DanglingChunk { digest, chunk } => ("dangling_chunk", serde_json::json!({"digest": digest.to_string(), "chunk": hex::encode(chunk.0)})),
-        Problem::ChunkCorrupt { chunk, error } => ("chunk_corrupt", serde_json::json!({"chunk": hex::encode(chunk.0), "error": error})),
-        Problem::RefcountMismatch { chunk, recorded, actual } => ("refcount_mismatch", serde_json::json!({"chunk": hex::encode(chunk.0), "recorded": recorded, "actual": actual})),
-        Problem::SegmentDamaged { segment, detail } => ("segment_damaged", serde_json::json!({"segment": segment.to_string(), "detail": detail})),
-        Problem::IndexCorrupt { detail } => ("index_corrupt", serde_json::json!({"detail": detail})),
+        Problem::BlobUnreadable { digest, error } => (
+            "blob_unreadable",
+            serde_json::json!({"digest": digest.to_string(), "error": error}),
+        ),
+        Problem::BlobDigestMismatch { digest, actual } => (
+            "blob_digest_mismatch",
+            serde_json::json!({"digest": digest.to_string(), "actual": actual.to_string()}),
+        ),
+        Problem::BlobSizeMismatch {
+            digest,
+            recorded,
+            actual,
+        } => (
+            "blob_size_mismatch",
+            serde_json::json!({"digest": digest.to_string(), "recorded": recorded, "actual": actual}),
+        ),
+        Problem::DanglingChunk { digest, chunk } => (
+            "dangling_chunk",
+            serde_json::json!({"digest": digest.to_string(), "chunk": hex::encode(chunk.0)}),
+        ),
+        Problem::ChunkCorrupt { chunk, error } => (
+            "chunk_corrupt",
+            serde_json::json!({"chunk": hex::encode(chunk.0), "error": error}),
+        ),
+        Problem::RefcountMismatch {
+            chunk,
+            recorded,
+            actual,
+        } => (
+            "refcount_mismatch",
+            serde_json::json!({"chunk": hex::encode(chunk.0), "recorded": recorded, "actual": actual}),
+        ),
+        Problem::SegmentDamaged { segment, detail } => (
+            "segment_damaged",
+            serde_json::json!({"segment": segment.to_string(), "detail": detail}),
+        ),
+        Problem::IndexCorrupt { detail } => {
+            ("index_corrupt", serde_json::json!({"detail": detail}))
+        }
     };
     v["kind"] = kind.into();
     v["message"] = p.to_string().into();
@@ -94,7 +125,14 @@ pub fn run(a: FsckArgs) -> Result<i32> {
             report.dead_record_bytes,
             report.pending_writes
         );
-        println!("{}", if report.is_clean() { "store is clean".to_string() } else { format!("{} problems found", report.problems.len()) });
+        println!(
+            "{}",
+            if report.is_clean() {
+                "store is clean".to_string()
+            } else {
+                format!("{} problems found", report.problems.len())
+            }
+        );
     }
     Ok(if report.is_clean() { 0 } else { 1 })
 }

@@ -10,7 +10,11 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "orlop", version, about = "Orlop: an on-prem container registry on its own storage engine")]
+#[command(
+    name = "orlop",
+    version,
+    about = "Orlop: an on-prem container registry on its own storage engine"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -76,7 +80,8 @@ enum Cmd {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ORLOP_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("ORLOP_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -94,17 +99,28 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Init { store } => {
             let s = Store::open(store.config()).context("opening store")?;
-            println!("store ready at {} (segment I/O: {})", store.data.display(), s.io_backend());
+            println!(
+                "store ready at {} (segment I/O: {})",
+                store.data.display(),
+                s.io_backend()
+            );
             s.close()?;
             Ok(0)
         }
-        Cmd::Put { store, file, digest } => {
+        Cmd::Put {
+            store,
+            file,
+            digest,
+        } => {
             let expected = digest.map(|d| d.parse::<Digest>()).transpose()?;
             let s = Store::open(store.config())?;
             let mut input: Box<dyn Read> = if file.as_os_str() == "-" {
                 Box::new(std::io::stdin())
             } else {
-                Box::new(std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?)
+                Box::new(
+                    std::fs::File::open(&file)
+                        .with_context(|| format!("opening {}", file.display()))?,
+                )
             };
             let mut w = s.writer(expected)?;
             let mut buf = vec![0u8; 1 << 20];

@@ -41,14 +41,24 @@ pub fn run(a: StatsArgs) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
-    println!("blobs              {} ({} unreferenced)", s.blobs, s.unreferenced_blobs);
-    println!("chunks             {} ({} compressed)", s.chunks, s.compressed_chunks);
+    println!(
+        "blobs              {} ({} unreferenced)",
+        s.blobs, s.unreferenced_blobs
+    );
+    println!(
+        "chunks             {} ({} compressed)",
+        s.chunks, s.compressed_chunks
+    );
     println!("logical bytes      {:.1} MiB", mib(s.logical_bytes));
     println!("unique bytes       {:.1} MiB", mib(s.unique_bytes));
     println!("stored bytes       {:.1} MiB", mib(s.stored_bytes));
     println!("dedupe ratio       {:.2}", s.dedupe_ratio());
     println!("compression ratio  {:.2}", s.compression_ratio());
-    println!("segments           {} ({:.1} MiB written)", s.segments.len(), mib(s.segment_bytes()));
+    println!(
+        "segments           {} ({:.1} MiB written)",
+        s.segments.len(),
+        mib(s.segment_bytes())
+    );
     for g in &s.segments {
         println!(
             "  {} {:>7} {:>10.1} MiB  live {:>5.1}%",

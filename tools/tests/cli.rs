@@ -14,7 +14,11 @@ fn orlop(args: &[&str], data: &Path) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
@@ -37,11 +41,18 @@ fn put_get_stats_fsck_and_a_flipped_bit() {
     assert!(o.status.success(), "{}", text(&o));
     let o = orlop(&["put", input.to_str().unwrap_or_default()], &data);
     assert!(o.status.success(), "{}", text(&o));
-    let digest = String::from_utf8_lossy(&o.stdout).split(' ').next().unwrap_or_default().to_string();
+    let digest = String::from_utf8_lossy(&o.stdout)
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     assert!(digest.starts_with("sha256:"), "{digest}");
 
     let out = dir.path().join("out.bin");
-    let o = orlop(&["get", &digest, "--out", out.to_str().unwrap_or_default()], &data);
+    let o = orlop(
+        &["get", &digest, "--out", out.to_str().unwrap_or_default()],
+        &data,
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert!(std::fs::read(&out).unwrap_or_default() == content);
 
@@ -61,20 +72,33 @@ fn put_get_stats_fsck_and_a_flipped_bit() {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .min()
         .unwrap_or_else(|| panic!("no segment"));
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&seg).unwrap_or_else(|e| panic!("{e}"));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg)
+        .unwrap_or_else(|e| panic!("{e}"));
     let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, 1_000_000).unwrap_or_else(|e| panic!("{e}"));
-    f.write_all_at(&[b[0] ^ 4], 1_000_000).unwrap_or_else(|e| panic!("{e}"));
+    f.read_exact_at(&mut b, 1_000_000)
+        .unwrap_or_else(|e| panic!("{e}"));
+    f.write_all_at(&[b[0] ^ 4], 1_000_000)
+        .unwrap_or_else(|e| panic!("{e}"));
     drop(f);
 
     let o = orlop(&["fsck"], &data);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains(&digest), "fsck must name the damaged blob: {}", text(&o));
+    assert!(
+        text(&o).contains(&digest),
+        "fsck must name the damaged blob: {}",
+        text(&o)
+    );
     let o = orlop(&["fsck", "--json"], &data);
     assert_eq!(o.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(v["clean"], false);
-    assert!(v["problems"].as_array().map(|a| a.iter().any(|p| p["digest"] == digest.as_str())).unwrap_or(false));
+    assert!(v["problems"]
+        .as_array()
+        .map(|a| a.iter().any(|p| p["digest"] == digest.as_str()))
+        .unwrap_or(false));
 
     let o = orlop(&["get", &digest], &data);
     assert!(!o.status.success(), "a damaged blob must not be served");
@@ -86,7 +110,11 @@ fn wrong_key_is_refused() {
     let data = dir.path().join("data");
     assert!(orlop(&["init"], &data).status.success());
     let other = dir.path().join("other.key");
-    let o = Command::new(env!("CARGO_BIN_EXE_orlop")).arg("keygen").arg(&other).output().unwrap_or_else(|e| panic!("{e}"));
+    let o = Command::new(env!("CARGO_BIN_EXE_orlop"))
+        .arg("keygen")
+        .arg(&other)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(o.status.success());
     let o = Command::new(env!("CARGO_BIN_EXE_orlop"))
         .args(["fsck", "--data"])

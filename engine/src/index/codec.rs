@@ -142,7 +142,9 @@ const RECIPE_ENTRY_BYTES: usize = 36;
 impl RecipePart {
     /// Blob offset just past the part (saturating: corrupt values must not panic).
     pub fn end(&self) -> u64 {
-        self.entries.iter().fold(self.start, |a, e| a.saturating_add(e.raw_len as u64))
+        self.entries
+            .iter()
+            .fold(self.start, |a, e| a.saturating_add(e.raw_len as u64))
     }
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(12 + self.entries.len() * RECIPE_ENTRY_BYTES);
@@ -199,7 +201,9 @@ pub fn recipe_prefix(recipe: RecipeId) -> [u8; 8] {
 }
 
 pub fn u64_be(b: &[u8]) -> Option<u64> {
-    <[u8; 8]>::try_from(b.get(..8)?).ok().map(u64::from_be_bytes)
+    <[u8; 8]>::try_from(b.get(..8)?)
+        .ok()
+        .map(u64::from_be_bytes)
 }
 
 /// `segments` CF value: what the index knows about a segment file.
@@ -235,16 +239,37 @@ mod tests {
 
     #[test]
     fn roundtrips() {
-        let loc = Location { segment: SegmentId(5), offset: 64, payload_len: 100, raw_len: 90, flags: 1 };
+        let loc = Location {
+            segment: SegmentId(5),
+            offset: 64,
+            payload_len: 100,
+            raw_len: 90,
+            flags: 1,
+        };
         let c = ChunkEntry { loc, refs: 3 };
         assert_eq!(ChunkEntry::decode(&c.encode()).ok(), Some(c));
-        let b = BlobEntry { size: 9, recipe: RecipeId(2), chunk_count: 1, refs: 0, created_unix_ms: 5 };
+        let b = BlobEntry {
+            size: 9,
+            recipe: RecipeId(2),
+            chunk_count: 1,
+            refs: 0,
+            created_unix_ms: 5,
+        };
         assert_eq!(BlobEntry::decode(&b.encode()).ok(), Some(b));
-        let p = RecipePart { start: 7, entries: vec![RecipeEntry { chunk: ChunkId([1; 32]), raw_len: 5 }] };
+        let p = RecipePart {
+            start: 7,
+            entries: vec![RecipeEntry {
+                chunk: ChunkId([1; 32]),
+                raw_len: 5,
+            }],
+        };
         assert_eq!(RecipePart::decode(&p.encode()).ok(), Some(p.clone()));
         assert_eq!(p.end(), 12);
         assert!(RecipePart::decode(&p.encode()[..20]).is_err());
-        let s = SegmentEntry { sealed: true, durable_len: 77 };
+        let s = SegmentEntry {
+            sealed: true,
+            durable_len: 77,
+        };
         assert_eq!(SegmentEntry::decode(&s.encode()).ok(), Some(s));
     }
 }

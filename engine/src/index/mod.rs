@@ -9,7 +9,10 @@ pub mod codec;
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, Digest, SegmentId};
 use codec::{BlobEntry, ChunkEntry, SegmentEntry};
-use rocksdb::{BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch,
+    WriteOptions, DB,
+};
 use std::path::Path;
 
 pub const INDEX_FORMAT_VERSION: u32 = 1;
@@ -21,7 +24,15 @@ pub const CF_RECIPES: &str = "recipes";
 pub const CF_STAGED: &str = "staged";
 pub const CF_PENDING: &str = "pending";
 pub const CF_SEGMENTS: &str = "segments";
-const ENGINE_CFS: [&str; 7] = [CF_META, CF_CHUNKS, CF_BLOBS, CF_RECIPES, CF_STAGED, CF_PENDING, CF_SEGMENTS];
+const ENGINE_CFS: [&str; 7] = [
+    CF_META,
+    CF_CHUNKS,
+    CF_BLOBS,
+    CF_RECIPES,
+    CF_STAGED,
+    CF_PENDING,
+    CF_SEGMENTS,
+];
 
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";
 pub const META_STORE_ID: &[u8] = b"store_id";
@@ -54,7 +65,9 @@ impl Index {
     pub fn open(path: &Path, read_only: bool, extra: &[String]) -> Result<Self> {
         for e in extra {
             if ENGINE_CFS.contains(&e.as_str()) || e == "default" {
-                return Err(Error::Config(format!("column family {e:?} is reserved by the engine")));
+                return Err(Error::Config(format!(
+                    "column family {e:?} is reserved by the engine"
+                )));
             }
         }
         let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
@@ -65,10 +78,23 @@ impl Index {
         opts.set_keep_log_file_num(4);
         let descs = ENGINE_CFS
             .iter()
-            .map(|n| ColumnFamilyDescriptor::new(*n, cf_options(&cache, matches!(*n, CF_CHUNKS | CF_BLOBS))))
-            .chain(extra.iter().map(|n| ColumnFamilyDescriptor::new(n, cf_options(&cache, true))));
+            .map(|n| {
+                ColumnFamilyDescriptor::new(
+                    *n,
+                    cf_options(&cache, matches!(*n, CF_CHUNKS | CF_BLOBS)),
+                )
+            })
+            .chain(
+                extra
+                    .iter()
+                    .map(|n| ColumnFamilyDescriptor::new(n, cf_options(&cache, true))),
+            );
         let db = if read_only {
-            let names: Vec<String> = ENGINE_CFS.iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect();
+            let names: Vec<String> = ENGINE_CFS
+                .iter()
+                .map(|s| s.to_string())
+                .chain(extra.iter().cloned())
+                .collect();
             DB::open_cf_for_read_only(&opts, path, names, false)?
         } else {
             DB::open_cf_descriptors(&opts, path, descs)?
@@ -156,7 +182,10 @@ impl Index {
     }
 
     /// Every entry of a column family, in key order.
-    pub fn scan(&self, cf: &str) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_> {
+    pub fn scan(
+        &self,
+        cf: &str,
+    ) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_> {
         Ok(self
             .db
             .iterator_cf(self.cf(cf)?, rocksdb::IteratorMode::Start)
@@ -171,8 +200,15 @@ impl Index {
     ) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a> {
         Ok(self
             .db
-            .iterator_cf(self.cf(cf)?, rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward))
-            .take_while(move |r| r.as_ref().map(|(k, _)| k.starts_with(prefix)).unwrap_or(true))
+            .iterator_cf(
+                self.cf(cf)?,
+                rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
+            )
+            .take_while(move |r| {
+                r.as_ref()
+                    .map(|(k, _)| k.starts_with(prefix))
+                    .unwrap_or(true)
+            })
             .map(|r| r.map_err(Error::from)))
     }
 }

@@ -109,7 +109,11 @@ impl FaultIo {
                 continue;
             }
             let unsynced = len - fs.durable_len;
-            let keep = if st.rng.gen_bool(0.5) { 0 } else { st.rng.gen_range(0..=unsynced) };
+            let keep = if st.rng.gen_bool(0.5) {
+                0
+            } else {
+                st.rng.gen_range(0..=unsynced)
+            };
             if keep > 0 && st.rng.gen_bool(0.3) {
                 // A torn sector: garble a few bytes of what survived.
                 for _ in 0..4 {
@@ -167,7 +171,9 @@ impl SegmentIo for FaultIo {
 impl FaultFile {
     fn check_alive(&self) -> std::io::Result<()> {
         if self.generation.load(Ordering::SeqCst) != self.opened_in {
-            return Err(std::io::Error::other("file handle from before a simulated crash"));
+            return Err(std::io::Error::other(
+                "file handle from before a simulated crash",
+            ));
         }
         Ok(())
     }

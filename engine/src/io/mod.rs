@@ -12,7 +12,6 @@ pub use fault::{FaultConfig, FaultIo};
 pub use pread::PreadIo;
 pub use uring::UringIo;
 
-
 use crate::error::{Error, Result};
 use std::path::Path;
 use std::sync::Arc;
@@ -27,6 +26,23 @@ pub trait SegmentFile: Send + Sync {
     fn sync(&self) -> std::io::Result<()>;
     fn len(&self) -> std::io::Result<u64>;
     fn set_len(&self, len: u64) -> std::io::Result<()>;
+    /// Starts writeback of a written range without waiting for it, so that a
+    /// later `sync` has little left to do. A hint: errors are ignored.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
+}
+
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: queue dirty pages for writeback.
+pub(crate) fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on an open descriptor; no memory is passed.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
 }
 
 /// Opens segment files and syncs directories.

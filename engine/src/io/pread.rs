@@ -38,4 +38,7 @@ impl SegmentFile for PreadFile {
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.0.set_len(len)
     }
+    fn start_writeback(&self, offset: u64, len: u64) {
+        super::start_writeback(&self.0, offset, len)
+    }
 }

@@ -11,8 +11,8 @@ use super::{open_std, OpenMode, SegmentFile, SegmentIo};
 use io_uring::{opcode, types, IoUring};
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -71,7 +71,10 @@ impl Ring {
         loop {
             match ring.submit_and_wait(1) {
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted || e.raw_os_error() == Some(libc::EBUSY) => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::Interrupted
+                        || e.raw_os_error() == Some(libc::EBUSY) =>
+                {
                     continue
                 }
                 Err(e) => {
@@ -82,7 +85,11 @@ impl Ring {
             }
             if let Some(cqe) = ring.completion().find(|c| c.user_data() == id) {
                 let res = cqe.result();
-                return if res < 0 { Err(std::io::Error::from_raw_os_error(-res)) } else { Ok(res) };
+                return if res < 0 {
+                    Err(std::io::Error::from_raw_os_error(-res))
+                } else {
+                    Ok(res)
+                };
             }
         }
     }
@@ -142,5 +149,8 @@ impl SegmentFile for UringFile {
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.file.set_len(len)
+    }
+    fn start_writeback(&self, offset: u64, len: u64) {
+        super::start_writeback(&self.file, offset, len)
     }
 }

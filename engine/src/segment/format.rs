@@ -132,8 +132,10 @@ impl RecordHeader {
     /// Checks a whole record (header ‖ payload) against its checksum.
     pub fn checksum_ok(record: &[u8]) -> bool {
         record.len() >= RECORD_HEADER_BYTES
-            && crc32c::crc32c_append(crc32c::crc32c(&record[..60]), &record[RECORD_HEADER_BYTES..])
-                == le_u32(record, 60)
+            && crc32c::crc32c_append(
+                crc32c::crc32c(&record[..60]),
+                &record[RECORD_HEADER_BYTES..],
+            ) == le_u32(record, 60)
     }
 }
 
@@ -188,7 +190,11 @@ mod tests {
 
     #[test]
     fn roundtrips() {
-        let h = SegmentHeader { segment: SegmentId(7), store_id: [3; 16], segment_bytes: 1 << 20 };
+        let h = SegmentHeader {
+            segment: SegmentId(7),
+            store_id: [3; 16],
+            segment_bytes: 1 << 20,
+        };
         assert_eq!(SegmentHeader::decode(&h.encode()), Ok(h));
         let r = RecordHeader {
             kind: KIND_CHUNK,
@@ -205,7 +211,12 @@ mod tests {
         assert_eq!(RecordHeader::decode(&rec), Some(r));
         rec[66] ^= 0x10;
         assert!(!RecordHeader::checksum_ok(&rec));
-        let f = SegmentFooter { segment: SegmentId(7), data_end: 100, record_count: 2, data_crc: 9 };
+        let f = SegmentFooter {
+            segment: SegmentId(7),
+            data_end: 100,
+            record_count: 2,
+            data_crc: 9,
+        };
         assert_eq!(SegmentFooter::decode(&f.encode()), Some(f));
     }
 }

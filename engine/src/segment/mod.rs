@@ -13,7 +13,9 @@ use crate::ids::{ChunkId, SegmentId};
 use crate::index::codec::{Location, SegmentEntry};
 use crate::index::{Index, CF_META, CF_SEGMENTS, META_NEXT_SEGMENT};
 use crate::io::{OpenMode, SegmentFile, SegmentIo};
-use format::{RecordHeader, SegmentFooter, SegmentHeader, FOOTER_BYTES, HEADER_BYTES, RECORD_HEADER_BYTES};
+use format::{
+    RecordHeader, SegmentFooter, SegmentHeader, FOOTER_BYTES, HEADER_BYTES, RECORD_HEADER_BYTES,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +27,13 @@ struct Active {
     offset: u64,
     record_count: u64,
     data_crc: u32,
+    /// Offset up to which writeback has been started.
+    writeback_from: u64,
 }
+
+/// Dirty bytes after which writeback of the active segment is started, so
+/// that the commit's fsync does not have to write a whole blob's worth.
+const WRITEBACK_BYTES: u64 = 8 << 20;
 
 pub(crate) struct Segments {
     dir: PathBuf,
@@ -115,11 +123,20 @@ impl Segments {
 
     /// Registers an existing (recovered or sealed) segment for reading.
     pub fn register(&self, id: SegmentId, file: Arc<dyn SegmentFile>) {
-        self.files.write().unwrap_or_else(|p| p.into_inner()).insert(id, file);
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, file);
     }
 
     pub fn ids(&self) -> Vec<SegmentId> {
-        let mut v: Vec<_> = self.files.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        let mut v: Vec<_> = self
+            .files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
         v.sort();
         v
     }
@@ -159,7 +176,14 @@ impl Segments {
         // Encrypt in place after the headroom; the nonce depends on the offset,
         // so this happens under the append lock (AES-GCM runs at GB/s).
         let tag = cipher
-            .seal_detached(nonce, format::KIND_CHUNK, chunk.flags, chunk.raw_len, &chunk.id, &mut chunk.record[RECORD_HEADER_BYTES..])
+            .seal_detached(
+                nonce,
+                format::KIND_CHUNK,
+                chunk.flags,
+                chunk.raw_len,
+                &chunk.id,
+                &mut chunk.record[RECORD_HEADER_BYTES..],
+            )
             .map_err(|_| Error::Config("AEAD seal failed".into()))?;
         chunk.record.extend_from_slice(&tag);
         let header = RecordHeader {
@@ -183,6 +207,11 @@ impl Segments {
         a.offset += record_len;
         a.record_count += 1;
         a.data_crc = format::chain_record_crc(a.data_crc, &encoded);
+        if a.offset - a.writeback_from >= WRITEBACK_BYTES {
+            a.file
+                .start_writeback(a.writeback_from, a.offset - a.writeback_from);
+            a.writeback_from = a.offset;
+        }
         Ok(Location {
             segment: a.id,
             offset,
@@ -197,11 +226,19 @@ impl Segments {
         let next = self.index.meta_u64(META_NEXT_SEGMENT)?.unwrap_or(1);
         let id = SegmentId(next);
         let mut batch = rocksdb::WriteBatch::default();
-        batch.put_cf(self.index.cf(CF_META)?, META_NEXT_SEGMENT, (next + 1).to_le_bytes());
+        batch.put_cf(
+            self.index.cf(CF_META)?,
+            META_NEXT_SEGMENT,
+            (next + 1).to_le_bytes(),
+        );
         batch.put_cf(
             self.index.cf(CF_SEGMENTS)?,
             id.0.to_be_bytes(),
-            SegmentEntry { sealed: false, durable_len: 0 }.encode(),
+            SegmentEntry {
+                sealed: false,
+                durable_len: 0,
+            }
+            .encode(),
         );
         self.index.write_synced(batch)?;
         let path = self.path_of(id);
@@ -215,7 +252,9 @@ impl Segments {
             store_id: self.store_id,
             segment_bytes: self.segment_bytes,
         };
-        file.write_at(&header.encode(), 0).and_then(|_| file.sync()).map_err(fail)?;
+        file.write_at(&header.encode(), 0)
+            .and_then(|_| file.sync())
+            .map_err(fail)?;
         self.io.sync_dir(&self.dir).map_err(fail)?;
         self.register(id, file.clone());
         tracing::debug!(segment = %id, "opened a new segment");
@@ -225,6 +264,7 @@ impl Segments {
             offset: HEADER_BYTES,
             record_count: 0,
             data_crc: 0,
+            writeback_from: 0,
         })
     }
 
@@ -243,7 +283,11 @@ impl Segments {
         batch.put_cf(
             self.index.cf(CF_SEGMENTS)?,
             a.id.0.to_be_bytes(),
-            SegmentEntry { sealed: true, durable_len: a.offset }.encode(),
+            SegmentEntry {
+                sealed: true,
+                durable_len: a.offset,
+            }
+            .encode(),
         );
         let _meta = self.meta_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.index.write_synced(batch)?;
@@ -310,7 +354,11 @@ impl Segments {
 }
 
 /// Writes the footer at the fixed end of the file and syncs it.
-pub(crate) fn seal_file(file: &dyn SegmentFile, segment_bytes: u64, footer: &SegmentFooter) -> std::io::Result<()> {
+pub(crate) fn seal_file(
+    file: &dyn SegmentFile,
+    segment_bytes: u64,
+    footer: &SegmentFooter,
+) -> std::io::Result<()> {
     file.set_len(footer.data_end)?;
     file.write_at(&footer.encode(), segment_bytes - FOOTER_BYTES)?;
     file.sync()

@@ -1,7 +1,9 @@
 //! Scanning a segment file: header, footer, and the run of valid records.
 //! Used on open (to find and truncate torn tails) and by verify().
 
-use super::format::{RecordHeader, SegmentFooter, SegmentHeader, FOOTER_BYTES, HEADER_BYTES, RECORD_HEADER_BYTES};
+use super::format::{
+    RecordHeader, SegmentFooter, SegmentHeader, FOOTER_BYTES, HEADER_BYTES, RECORD_HEADER_BYTES,
+};
 use crate::io::SegmentFile;
 
 #[derive(Debug)]

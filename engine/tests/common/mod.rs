@@ -11,7 +11,11 @@ pub const KEY: [u8; 32] = [7; 32];
 pub fn small_config(dir: &Path) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
     c.key = KeySource::Bytes(KEY);
-    c.chunk = ChunkParams { min_bytes: 512, avg_bytes: 2048, max_bytes: 8192 };
+    c.chunk = ChunkParams {
+        min_bytes: 512,
+        avg_bytes: 2048,
+        max_bytes: 8192,
+    };
     c.segment_bytes = 64 * 1024;
     c.io = IoBackend::Pread;
     c
@@ -36,7 +40,9 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
 
 /// Compressible, text-like bytes.
 pub fn text(seed: u64, len: usize) -> Vec<u8> {
-    let words = ["layer ", "usr/lib ", "debian ", "orlop ", "\n", "chunk ", "0000 ", "config "];
+    let words = [
+        "layer ", "usr/lib ", "debian ", "orlop ", "\n", "chunk ", "0000 ", "config ",
+    ];
     let mut r = rand::rngs::SmallRng::seed_from_u64(seed);
     let mut v = Vec::with_capacity(len + 16);
     while v.len() < len {

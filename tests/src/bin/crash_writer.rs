@@ -15,15 +15,24 @@ fn main() {
     }
     let seed: u64 = args[2].parse().unwrap_or_else(|e| panic!("seed: {e}"));
     let first: u64 = args[3].parse().unwrap_or_else(|e| panic!("index: {e}"));
-    let store = Store::open(crash_store_config(std::path::Path::new(&args[1]))).unwrap_or_else(|e| panic!("open: {e}"));
+    let store = Store::open(crash_store_config(std::path::Path::new(&args[1])))
+        .unwrap_or_else(|e| panic!("open: {e}"));
     let mut out = std::io::stdout().lock();
     for i in first..first + 100_000 {
         let data = blob_content(seed, i);
-        let info = store.put(&data, Some(Digest::sha256_of(&data))).unwrap_or_else(|e| panic!("put: {e}"));
-        writeln!(out, "PUT {i} {}", info.digest).and_then(|_| out.flush()).unwrap_or_else(|e| panic!("{e}"));
+        let info = store
+            .put(&data, Some(Digest::sha256_of(&data)))
+            .unwrap_or_else(|e| panic!("put: {e}"));
+        writeln!(out, "PUT {i} {}", info.digest)
+            .and_then(|_| out.flush())
+            .unwrap_or_else(|e| panic!("{e}"));
         if i % 3 == 0 {
-            let n = store.add_ref(&info.digest).unwrap_or_else(|e| panic!("ref: {e}"));
-            writeln!(out, "REF {} {n}", info.digest).and_then(|_| out.flush()).unwrap_or_else(|e| panic!("{e}"));
+            let n = store
+                .add_ref(&info.digest)
+                .unwrap_or_else(|e| panic!("ref: {e}"));
+            writeln!(out, "REF {} {n}", info.digest)
+                .and_then(|_| out.flush())
+                .unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }
