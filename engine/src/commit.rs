@@ -86,14 +86,23 @@ pub(crate) fn run(inner: Arc<Inner>, rx: Receiver<Request>) {
 
 type Reply = Box<dyn FnOnce(Result<(), &Error>)>;
 
-fn delete_recipe(batch: &mut WriteBatch, index: &Index, recipe: RecipeId) -> Result<()> {
+/// Deletes a write's staging state (its staged placements and pending
+/// marker) and, unless the write is being committed, its recipe parts.
+pub(crate) fn delete_staging(
+    batch: &mut WriteBatch,
+    index: &Index,
+    recipe: RecipeId,
+    committed: bool,
+) -> Result<()> {
     let from = recipe_prefix(recipe);
     let to = recipe
         .0
         .checked_add(1)
         .map(|n| n.to_be_bytes())
         .unwrap_or([0xff; 8]);
-    batch.delete_range_cf(index.cf(CF_RECIPES)?, from, to);
+    if !committed {
+        batch.delete_range_cf(index.cf(CF_RECIPES)?, from, to);
+    }
     batch.delete_range_cf(index.cf(CF_STAGED)?, from, to);
     batch.delete_cf(index.cf(CF_PENDING)?, from);
     Ok(())
@@ -141,7 +150,7 @@ fn process(inner: &Inner, group: Vec<Request>) {
             }
             Request::Abort { recipe, reply } => {
                 ov.finished_recipes.insert(recipe);
-                let r = delete_recipe(&mut batch, index, recipe);
+                let r = delete_staging(&mut batch, index, recipe, false);
                 replies.push(deferred(reply, r));
             }
             Request::Ref { digest, add, reply } => {
@@ -251,7 +260,7 @@ fn commit_blob(
     ov.finished_recipes.insert(recipe);
     if let Some(existing) = ov.blob(index, digest)? {
         // Already stored: this write's recipe is redundant.
-        delete_recipe(batch, index, recipe)?;
+        delete_staging(batch, index, recipe, false)?;
         return Ok(existing);
     }
     let mut local: HashMap<ChunkId, ChunkEntry> = HashMap::new();
@@ -309,13 +318,7 @@ fn commit_blob(
     ov.chunks.extend(local);
     ov.inserted.extend(inserted);
     ov.blobs.insert(digest.clone(), entry);
-    let to = recipe
-        .0
-        .checked_add(1)
-        .map(|n| n.to_be_bytes())
-        .unwrap_or([0xff; 8]);
-    batch.delete_range_cf(index.cf(CF_STAGED)?, prefix, to);
-    batch.delete_cf(index.cf(CF_PENDING)?, prefix);
+    delete_staging(batch, index, recipe, true)?;
     Ok(entry)
 }
 

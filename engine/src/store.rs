@@ -473,14 +473,11 @@ fn drop_pending(index: &Index) -> Result<()> {
     let mut n = 0;
     for kv in index.scan(CF_PENDING)? {
         let (k, _) = kv?;
-        let Some(r) = codec::u64_be(&k) else { continue };
-        let to = r
-            .checked_add(1)
-            .map(|n| n.to_be_bytes())
-            .unwrap_or([0xff; 8]);
-        batch.delete_range_cf(index.cf(CF_RECIPES)?, &k[..8], &to[..]);
-        batch.delete_range_cf(index.cf(CF_STAGED)?, &k[..8], &to[..]);
-        batch.delete_cf(index.cf(CF_PENDING)?, &k);
+        let Some(r) = codec::u64_be(&k) else {
+            batch.delete_cf(index.cf(CF_PENDING)?, &k);
+            continue;
+        };
+        commit::delete_staging(&mut batch, index, RecipeId(r), false)?;
         n += 1;
     }
     if n > 0 {

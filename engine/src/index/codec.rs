@@ -3,16 +3,7 @@
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, RecipeId, SegmentId};
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
+use crate::segment::format::{le_u32 as u32_at, le_u64 as u64_at};
 
 fn bad(cf: &'static str, what: &str, len: usize) -> Error {
     Error::CorruptIndex {
