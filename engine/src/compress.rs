@@ -85,11 +85,18 @@ impl Compressor {
 
 /// Decompresses a chunk whose plaintext length is known; a wrong length is corruption.
 pub(crate) fn decompress(data: &[u8], raw_len: usize) -> Option<Vec<u8>> {
+    thread_local! {
+        /// One decompression context per reading thread, made on first use.
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+    }
     let mut out = Vec::with_capacity(raw_len);
-    let n = zstd::bulk::Decompressor::new()
-        .ok()?
-        .decompress_to_buffer(data, &mut out)
-        .ok()?;
+    let n = DCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = zstd::bulk::Decompressor::new().ok();
+        }
+        slot.as_mut()?.decompress_to_buffer(data, &mut out).ok()
+    })?;
     (n == raw_len).then_some(out)
 }
 

@@ -163,7 +163,7 @@ impl fmt::Debug for ChunkId {
 }
 
 /// A segment file's number; never reused within a store.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
 pub struct SegmentId(pub u64);
 
 impl SegmentId {

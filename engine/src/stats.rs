@@ -30,12 +30,6 @@ impl SegmentStats {
     }
 }
 
-impl Default for SegmentId {
-    fn default() -> Self {
-        SegmentId(0)
-    }
-}
-
 #[derive(Clone, Debug, Default)]
 pub struct StoreStats {
     pub blobs: u64,

@@ -489,9 +489,3 @@ fn drop_pending(index: &Index) -> Result<()> {
     }
     Ok(())
 }
-
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn f<T: Send + Sync>() {}
-    f::<Store>();
-}
