@@ -365,7 +365,8 @@ fn cut_stage(
                 prepared,
             } = n?;
             let raw_len = chunk.len() as u32;
-            if let Some((flags, record)) = prepared {
+            // Checked again here: the same new chunk may occur twice in one batch.
+            if let (Some((flags, record)), false) = (prepared, sent.contains(&id)) {
                 let shared = inner
                     .inflight
                     .lock()
