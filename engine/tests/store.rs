@@ -289,3 +289,19 @@ fn blob_larger_than_4_gib_streams() {
     let st = s.stats().unwrap_or_else(|e| panic!("{e}"));
     assert!(st.unique_bytes < 80 << 20, "{st:?}");
 }
+
+/// A chunk repeated throughout one blob is stored once and counted per use.
+#[test]
+fn repeated_chunks_inside_a_blob_are_stored_once() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = open(&small_config(dir.path()));
+    let zeros = vec![0u8; 2 << 20];
+    let info = s.put(&zeros, None).unwrap_or_else(|e| panic!("{e}"));
+    assert!(info.chunk_count >= 256, "{info:?}");
+    let st = s.stats().unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.chunks <= 2, "{st:?}");
+    let rep = s.verify().unwrap_or_else(|e| panic!("{e}"));
+    assert!(rep.is_clean(), "{:?}", rep.problems);
+    assert_eq!(rep.dead_records, 0, "no duplicate records were appended");
+    assert_eq!(s.get(&info.digest).unwrap_or_else(|e| panic!("{e}")), zeros);
+}
