@@ -62,12 +62,10 @@ impl Compressor {
         self.level
     }
 
-    /// Returns the compressed form, after `headroom` zero bytes, when it is
-    /// worth keeping, else None.
-    pub fn maybe_compress(&mut self, raw: &[u8], headroom: usize) -> Option<Vec<u8>> {
-        if !looks_compressible(raw) {
-            return None;
-        }
+    /// Compresses (the caller has run the probe, [`looks_compressible`]) and
+    /// returns the compressed form, after `headroom` zero bytes, when it saves
+    /// enough to keep, else None.
+    pub fn compress_if_smaller(&mut self, raw: &[u8], headroom: usize) -> Option<Vec<u8>> {
         self.scratch.clear();
         self.scratch
             .reserve(zstd::zstd_safe::compress_bound(raw.len()));
@@ -115,14 +113,16 @@ mod tests {
             .copied()
             .collect();
         let z = c
-            .maybe_compress(&text, 0)
+            .compress_if_smaller(&text, 0)
             .unwrap_or_else(|| panic!("text should compress"));
         assert!(z.len() < text.len() / 4);
         assert_eq!(decompress(&z, text.len()).as_deref(), Some(&text[..]));
         assert!(decompress(&z, text.len() + 1).is_none());
         let mut noise = vec![0u8; 64 * 1024];
         rand::rngs::SmallRng::seed_from_u64(1).fill_bytes(&mut noise);
-        assert!(c.maybe_compress(&noise, 0).is_none());
+        assert!(looks_compressible(&text));
+        assert!(!looks_compressible(&noise));
+        assert!(c.compress_if_smaller(&noise, 0).is_none());
         assert!(entropy_bits(&noise[..4096]) > 7.9);
         assert!(entropy_bits(&text[..4096]) < 5.0);
     }

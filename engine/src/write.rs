@@ -298,7 +298,8 @@ thread_local! {
     static COMPRESSOR: std::cell::RefCell<Option<Compressor>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Compresses on the current thread's cached context (see [`Compressor`]).
+/// Compresses a chunk that passed the probe, on the current thread's cached
+/// context (see [`Compressor`]).
 fn compress_here(level: i32, chunk: &[u8]) -> Result<Option<Vec<u8>>> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -307,7 +308,7 @@ fn compress_here(level: i32, chunk: &[u8]) -> Result<Option<Vec<u8>>> {
         }
         Ok(slot
             .as_mut()
-            .and_then(|c| c.maybe_compress(chunk, RECORD_HEADER_BYTES)))
+            .and_then(|c| c.compress_if_smaller(chunk, RECORD_HEADER_BYTES)))
     })
 }
 

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use orlop_engine::io::{FaultConfig, FaultIo, OpenMode, PreadIo, SegmentIo};
 use orlop_engine::segment::scan_segment;
-use orlop_engine::{Digest, Error, Problem, Store, StoreConfig};
+use orlop_engine::{Digest, Error, Problem, Store, StoreConfig, VerifyReport};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -62,6 +62,11 @@ fn populate(cfg: &StoreConfig) -> Vec<(Digest, Vec<u8>)> {
     blobs
 }
 
+/// Whether verify() reported a problem of the kind `is`.
+fn reports(rep: &VerifyReport, is: fn(&Problem) -> bool) -> bool {
+    rep.problems.iter().any(is)
+}
+
 /// Every blob either reads back exactly or fails with a corruption error.
 fn reads_never_lie(s: &Store, blobs: &[(Digest, Vec<u8>)]) -> usize {
     let mut failed = 0;
@@ -101,10 +106,10 @@ fn flipped_payload_bit_is_reported_and_reads_fail() {
         named.iter().all(|(_, e)| e.contains("segment")),
         "{named:?}"
     );
-    assert!(rep
-        .problems
-        .iter()
-        .any(|p| matches!(p, Problem::SegmentDamaged { .. })));
+    assert!(reports(&rep, |p| matches!(
+        p,
+        Problem::SegmentDamaged { .. }
+    )));
     let failed = reads_never_lie(&s, &blobs);
     assert_eq!(failed, named.len());
 }
@@ -152,16 +157,12 @@ fn truncated_segment_refuses_writable_open_but_fsck_reports() {
     let s = Store::open(ro).unwrap_or_else(|e| panic!("{e}"));
     let rep = s.verify().unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        rep.problems
-            .iter()
-            .any(|p| matches!(p, Problem::SegmentDamaged { .. })),
+        reports(&rep, |p| matches!(p, Problem::SegmentDamaged { .. })),
         "{:?}",
         rep.problems
     );
     assert!(
-        rep.problems
-            .iter()
-            .any(|p| matches!(p, Problem::BlobUnreadable { .. })),
+        reports(&rep, |p| matches!(p, Problem::BlobUnreadable { .. })),
         "{:?}",
         rep.problems
     );
