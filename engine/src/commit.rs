@@ -10,6 +10,7 @@ use crate::index::codec::{
 };
 use crate::index::{Index, CF_BLOBS, CF_CHUNKS, CF_PENDING, CF_RECIPES, CF_SEGMENTS, CF_STAGED};
 use crate::store::Inner;
+use crate::txn::{apply_delta, Txn};
 use crossbeam_channel::{Receiver, Sender};
 use rocksdb::WriteBatch;
 use std::collections::{HashMap, HashSet};
@@ -34,9 +35,9 @@ pub(crate) enum Request {
         add: bool,
         reply: Sender<Result<u64>>,
     },
-    Kv {
-        cf: String,
-        ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// An atomic change from a layer above (see [`crate::Txn`]).
+    Txn {
+        txn: Txn,
         reply: Sender<Result<()>>,
     },
     Shutdown,
@@ -49,6 +50,8 @@ struct Overlay {
     blobs: HashMap<Digest, BlobEntry>,
     inserted: HashSet<ChunkId>,
     finished_recipes: HashSet<RecipeId>,
+    /// Values written by earlier transactions of the group, for their checks.
+    kv: HashMap<(String, Vec<u8>), Option<Vec<u8>>>,
 }
 
 impl Overlay {
@@ -62,6 +65,12 @@ impl Overlay {
         match self.blobs.get(d) {
             Some(e) => Ok(Some(*e)),
             None => index.blob(d),
+        }
+    }
+    fn kv(&self, index: &Index, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.kv.get(&(cf.to_string(), key.to_vec())) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(index.db().get_cf(index.extra_cf(cf)?, key)?),
         }
     }
 }
@@ -110,9 +119,18 @@ pub(crate) fn delete_staging(
 
 fn process(inner: &Inner, group: Vec<Request>) {
     let index = &*inner.index;
+    let observer = inner.cfg.observer.as_deref();
+    if let Some(o) = observer {
+        o.group_committed(group.len());
+    }
     let needs_sync = group.iter().any(|r| matches!(r, Request::Commit { .. }));
     let durable = if needs_sync {
-        inner.segments.sync_active()
+        let t = std::time::Instant::now();
+        let d = inner.segments.sync_active();
+        if let Some(o) = observer {
+            o.segment_synced(t.elapsed());
+        }
+        d
     } else {
         Ok(None)
     };
@@ -157,8 +175,8 @@ fn process(inner: &Inner, group: Vec<Request>) {
                 let r = adjust_ref(index, &mut ov, &digest, add);
                 replies.push(deferred(reply, r));
             }
-            Request::Kv { cf, ops, reply } => {
-                let r = kv_ops(index, &mut batch, &cf, ops);
+            Request::Txn { txn, reply } => {
+                let r = apply_txn(index, &mut ov, &mut batch, txn);
                 replies.push(deferred(reply, r));
             }
             Request::Shutdown => {}
@@ -173,7 +191,13 @@ fn process(inner: &Inner, group: Vec<Request>) {
         if inner.segments.is_poisoned() {
             Err(Error::Poisoned)
         } else {
-            finish_batch(index, &ov, &mut batch, durable).and_then(|_| index.write_synced(batch))
+            let t = std::time::Instant::now();
+            let w = finish_batch(index, &ov, &mut batch, durable)
+                .and_then(|_| index.write_synced(batch));
+            if let Some(o) = observer {
+                o.index_written(t.elapsed());
+            }
+            w
         }
     };
     if let Err(e) = &written {
@@ -205,7 +229,7 @@ fn fail_all(group: Vec<Request>, e: &Error) {
     for req in group {
         match req {
             Request::Commit { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
-            Request::Abort { reply, .. } | Request::Kv { reply, .. } => {
+            Request::Abort { reply, .. } | Request::Txn { reply, .. } => {
                 drop(reply.send(Err(Error::Poisoned)))
             }
             Request::Ref { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
@@ -326,29 +350,44 @@ fn adjust_ref(index: &Index, ov: &mut Overlay, digest: &Digest, add: bool) -> Re
     let mut e = ov
         .blob(index, digest)?
         .ok_or_else(|| Error::BlobUnknown(digest.clone()))?;
-    e.refs = if add {
-        e.refs + 1
-    } else {
-        e.refs
-            .checked_sub(1)
-            .ok_or_else(|| Error::RefUnderflow(digest.clone()))?
-    };
+    e.refs = apply_delta(digest, e.refs, if add { 1 } else { -1 })?;
     ov.blobs.insert(digest.clone(), e);
     Ok(e.refs)
 }
 
-fn kv_ops(
-    index: &Index,
-    batch: &mut WriteBatch,
-    cf: &str,
-    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-) -> Result<()> {
-    let h = index.extra_cf(cf)?;
-    for (k, v) in ops {
-        match v {
-            Some(v) => batch.put_cf(h, k, v),
-            None => batch.delete_cf(h, k),
+/// Checks every precondition and reference delta first, so that a failed
+/// transaction leaves neither the batch nor the overlay changed.
+fn apply_txn(index: &Index, ov: &mut Overlay, batch: &mut WriteBatch, txn: Txn) -> Result<()> {
+    for c in &txn.checks {
+        if ov.kv(index, &c.cf, &c.key)? != c.value {
+            return Err(Error::Conflict {
+                cf: c.cf.clone(),
+                key: String::from_utf8_lossy(&c.key).into_owned(),
+            });
         }
     }
+    let mut blobs = Vec::with_capacity(txn.refs.len());
+    for (digest, delta) in &txn.refs {
+        if *delta == 0 {
+            continue;
+        }
+        let mut e = ov
+            .blob(index, digest)?
+            .ok_or_else(|| Error::BlobUnknown(digest.clone()))?;
+        e.refs = apply_delta(digest, e.refs, *delta)?;
+        blobs.push((digest.clone(), e));
+    }
+    for op in &txn.ops {
+        index.extra_cf(&op.cf)?;
+    }
+    for op in txn.ops {
+        let h = index.extra_cf(&op.cf)?;
+        match &op.value {
+            Some(v) => batch.put_cf(h, &op.key, v),
+            None => batch.delete_cf(h, &op.key),
+        }
+        ov.kv.insert((op.cf, op.key), op.value);
+    }
+    ov.blobs.extend(blobs);
     Ok(())
 }

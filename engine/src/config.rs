@@ -79,6 +79,17 @@ impl std::fmt::Debug for IoBackend {
     }
 }
 
+/// Receives timings from the engine's commit path (for metrics). Calls are
+/// made on the committer thread and must return quickly.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// The active segment was fsynced before an index commit.
+    fn segment_synced(&self, _elapsed: std::time::Duration) {}
+    /// One synced RocksDB write batch of a group commit was written.
+    fn index_written(&self, _elapsed: std::time::Duration) {}
+    /// A group commit gathered this many requests.
+    fn group_committed(&self, _requests: usize) {}
+}
+
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
     pub data_dir: PathBuf,
@@ -99,6 +110,8 @@ pub struct StoreConfig {
     pub read_ahead_chunks: usize,
     /// Extra RocksDB column families owned by layers above the engine.
     pub extra_column_families: Vec<String>,
+    /// Commit-path timings, for the server's metrics.
+    pub observer: Option<Arc<dyn Observer>>,
 }
 
 impl StoreConfig {
@@ -115,6 +128,7 @@ impl StoreConfig {
             group_commit_requests_max: 256,
             read_ahead_chunks: 16,
             extra_column_families: Vec::new(),
+            observer: None,
         }
     }
 

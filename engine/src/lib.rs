@@ -19,15 +19,17 @@ mod read;
 pub mod segment;
 mod stats;
 mod store;
+mod txn;
 mod verify;
 mod write;
 
-pub use config::{ChunkParams, IoBackend, KeySource, StoreConfig};
+pub use config::{ChunkParams, IoBackend, KeySource, Observer, StoreConfig};
 pub use error::{Error, Result};
 pub use ids::{ChunkId, Digest, DigestAlgorithm, RecipeId, SegmentId};
 pub use keys::{MasterKey, KEY_ENV_VAR};
 pub use read::BlobReader;
 pub use stats::{SegmentStats, StoreStats};
 pub use store::{BlobInfo, Store};
+pub use txn::Txn;
 pub use verify::{Problem, Progress, VerifyReport};
 pub use write::BlobWriter;

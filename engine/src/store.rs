@@ -12,6 +12,7 @@ use crate::keys::MasterKey;
 use crate::read::BlobReader;
 use crate::segment::format::HEADER_BYTES;
 use crate::segment::{scan_unsealed, seal_file, Segments};
+use crate::txn::Txn;
 use crate::write::BlobWriter;
 use crossbeam_channel::Sender;
 use rocksdb::WriteBatch;
@@ -192,6 +193,28 @@ impl Store {
         }))
     }
 
+    /// Calls `f` with every committed blob, in digest-key order.
+    pub fn for_each_blob(&self, mut f: impl FnMut(BlobInfo) -> Result<()>) -> Result<()> {
+        for kv in self.inner.index.scan(CF_BLOBS)? {
+            let (k, v) = kv?;
+            let e = codec::BlobEntry::decode(&v)?;
+            f(BlobInfo {
+                digest: Digest::from_key(&k)?,
+                size: e.size,
+                chunk_count: e.chunk_count,
+                refs: e.refs,
+                created_unix_ms: e.created_unix_ms,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether a layer's column family exists in this store (a read-only
+    /// open skips the ones that were never created).
+    pub fn has_column_family(&self, cf: &str) -> bool {
+        self.inner.index.extra_cf(cf).is_ok()
+    }
+
     /// A streaming reader over the whole blob.
     pub fn reader(&self, digest: &Digest) -> Result<BlobReader> {
         BlobReader::new(self.inner.clone(), digest, 0, None)
@@ -238,14 +261,58 @@ impl Store {
         Ok(self.inner.index.db().get_cf(h, key)?)
     }
 
+    /// Up to `limit` entries of a layer's column family whose keys start
+    /// with `prefix` and sort strictly after `after` (when given), in key order.
+    pub fn kv_scan(
+        &self,
+        cf: &str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let h = self.inner.index.extra_cf(cf)?;
+        let start = match after {
+            Some(a) if a > prefix => a,
+            _ => prefix,
+        };
+        let mut out = Vec::new();
+        let it = self.inner.index.db().iterator_cf(
+            h,
+            rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward),
+        );
+        for kv in it {
+            let (k, v) = kv?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            if after.is_some_and(|a| &*k <= a) {
+                continue;
+            }
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Applies a [`Txn`] atomically and durably (one synced write batch,
+    /// shared with the other requests of its group commit).
+    pub fn apply(&self, txn: Txn) -> Result<()> {
+        self.inner.segments.check_writable()?;
+        if txn.checks.is_empty() && txn.is_empty() {
+            return Ok(());
+        }
+        self.inner.request(|reply| Request::Txn { txn, reply })
+    }
+
     /// Applies puts (`Some`) and deletes (`None`) atomically and durably.
     pub fn kv_write(&self, cf: &str, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
-        self.inner.segments.check_writable()?;
-        self.inner.request(|reply| Request::Kv {
-            cf: cf.to_string(),
-            ops,
-            reply,
-        })
+        let mut txn = Txn::new();
+        for (k, v) in ops {
+            match v {
+                Some(v) => txn.put(cf, k, v),
+                None => txn.delete(cf, k),
+            }
+        }
+        self.apply(txn)
     }
 
     /// Shuts down cleanly: drains the committer and seals the active segment.

@@ -43,6 +43,12 @@ impl Hasher {
             Hasher::Sha512(h) => h.update(b),
         }
     }
+    pub fn algorithm(&self) -> DigestAlgorithm {
+        match self {
+            Hasher::Sha256(_) => DigestAlgorithm::Sha256,
+            Hasher::Sha512(_) => DigestAlgorithm::Sha512,
+        }
+    }
     pub fn finish(self) -> Result<Digest> {
         match self {
             Hasher::Sha256(h) => Digest::new(DigestAlgorithm::Sha256, &h.finalize()),
@@ -103,6 +109,24 @@ impl BlobWriter {
             worker: Some(worker),
             finished: false,
         })
+    }
+
+    /// Names the digest the content must have when it was not known at the
+    /// start (a chunked upload learns it at the end). Before the first byte
+    /// the algorithm may still change; after it, it must be the one the
+    /// writer has been hashing with.
+    pub fn expect_digest(&mut self, digest: Digest) -> Result<()> {
+        let alg = digest.algorithm();
+        if self.size == 0 {
+            self.hasher = Some(Hasher::new(alg));
+        } else if self.hasher.as_ref().map(Hasher::algorithm) != Some(alg) {
+            return Err(Error::InvalidDigest {
+                input: digest.to_string(),
+                reason: "the upload was hashed with another algorithm",
+            });
+        }
+        self.expected = Some(digest);
+        Ok(())
     }
 
     /// Bytes written so far.

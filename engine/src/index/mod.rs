@@ -89,7 +89,12 @@ impl Index {
                     .iter()
                     .map(|n| ColumnFamilyDescriptor::new(n, cf_options(&cache, true))),
             );
+        let mut extra = extra.to_vec();
         let db = if read_only {
+            // A read-only open cannot create column families: skip the
+            // layers' families this store never had.
+            let existing = DB::list_cf(&opts, path)?;
+            extra.retain(|e| existing.contains(e));
             let names: Vec<String> = ENGINE_CFS
                 .iter()
                 .map(|s| s.to_string())
@@ -102,7 +107,7 @@ impl Index {
         Ok(Index {
             db,
             read_only,
-            extra: extra.to_vec(),
+            extra,
         })
     }
 
