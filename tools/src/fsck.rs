@@ -67,7 +67,7 @@ fn problem_json(p: &Problem) -> serde_json::Value {
 pub fn run(a: FsckArgs) -> Result<i32> {
     let mut cfg = a.store.config();
     cfg.read_only = true;
-    let store = Store::open(cfg)?;
+    let store = std::sync::Arc::new(Store::open(cfg)?);
     let started = Instant::now();
     let bar = if std::io::stderr().is_terminal() && !a.json {
         let b = ProgressBar::new(0);
@@ -86,10 +86,20 @@ pub fn run(a: FsckArgs) -> Result<i32> {
         bar.set_position(p.done);
     })?;
     bar.finish_and_clear();
+    // A registry's store: its rows must account for every blob reference.
+    let registry_problems = if store.has_column_family(orlop_server::meta::CF_LINKS) {
+        orlop_server::Registry::new(store.clone())
+            .audit_refs()
+            .map_err(|e| anyhow::anyhow!("auditing registry references: {e}"))?
+    } else {
+        Vec::new()
+    };
+    let clean = report.is_clean() && registry_problems.is_empty();
     let secs = started.elapsed().as_secs_f64();
     if a.json {
         let v = serde_json::json!({
-            "clean": report.is_clean(),
+            "clean": clean,
+            "registry_problems": registry_problems,
             "blobs": report.blobs,
             "chunks": report.chunks,
             "segments": report.segments,
@@ -107,6 +117,9 @@ pub fn run(a: FsckArgs) -> Result<i32> {
     } else {
         for p in &report.problems {
             println!("PROBLEM {p}");
+        }
+        for p in &registry_problems {
+            println!("PROBLEM registry: {p}");
         }
         println!(
             "fsck: {} blobs, {} chunks, {} segments, {:.1} MiB verified in {:.2}s",
@@ -127,12 +140,15 @@ pub fn run(a: FsckArgs) -> Result<i32> {
         );
         println!(
             "{}",
-            if report.is_clean() {
+            if clean {
                 "store is clean".to_string()
             } else {
-                format!("{} problems found", report.problems.len())
+                format!(
+                    "{} problems found",
+                    report.problems.len() + registry_problems.len()
+                )
             }
         );
     }
-    Ok(if report.is_clean() { 0 } else { 1 })
+    Ok(if clean { 0 } else { 1 })
 }

@@ -1,6 +1,7 @@
 //! `orlop`: the operator's command.
 
 mod fsck;
+mod serve;
 mod stats;
 
 use anyhow::{Context, Result};
@@ -36,6 +37,11 @@ pub struct StoreArgs {
 impl StoreArgs {
     pub fn config(&self) -> StoreConfig {
         let mut cfg = StoreConfig::new(&self.data);
+        // A registry's column families, so that fsck can audit its rows.
+        cfg.extra_column_families = orlop_server::meta::REGISTRY_CFS
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
         cfg.key = match (&self.key_file, &self.key_env) {
             (Some(f), _) => KeySource::File(f.clone()),
             (None, Some(var)) => KeySource::Env(var.clone()),
@@ -47,6 +53,8 @@ impl StoreArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the registry (OCI Distribution / Docker Registry V2 API).
+    Serve(serve::ServeArgs),
     /// Create a store (and its key) under --data.
     Init {
         #[command(flatten)]
@@ -78,14 +86,21 @@ enum Cmd {
 }
 
 fn main() {
+    let cli = Cli::parse();
+    // The server logs one line per request by default; the tools only warnings.
+    let default_level = if matches!(cli.cmd, Cmd::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ORLOP_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let code = match run(Cli::parse()) {
+    let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -152,6 +167,7 @@ fn run(cli: Cli) -> Result<i32> {
             sink.flush()?;
             Ok(0)
         }
+        Cmd::Serve(a) => serve::run(a),
         Cmd::Fsck(a) => fsck::run(a),
         Cmd::Stats(a) => stats::run(a),
         Cmd::Keygen { path } => {

@@ -1,0 +1,284 @@
+//! The application: shared state, the router, and per-request logging and
+//! metrics. Handlers live in `routes/`.
+
+use crate::config::ServerConfig;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{error_response, query_pairs, respond, Resp};
+use crate::meta::Registry;
+use crate::metrics::Metrics;
+use crate::names::{parse_digest, Reference, RepoName};
+use crate::routes;
+use crate::upload::Uploads;
+use http::Method;
+use hyper::body::Incoming;
+use orlop_engine::{Digest, Store};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub type Req = http::Request<Incoming>;
+
+pub struct App {
+    pub cfg: ServerConfig,
+    pub registry: Registry,
+    pub uploads: Uploads,
+    pub metrics: Arc<Metrics>,
+    /// Bounds the request bodies streaming into the engine at once.
+    pub streaming: tokio::sync::Semaphore,
+}
+
+impl App {
+    pub fn new(cfg: ServerConfig, store: Arc<Store>, metrics: Arc<Metrics>) -> Self {
+        App {
+            uploads: Uploads::new(cfg.upload_sessions_max),
+            streaming: tokio::sync::Semaphore::new(cfg.uploads_streaming_max),
+            registry: Registry::new(store),
+            metrics,
+            cfg,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        self.registry.store()
+    }
+
+    /// How long a request body may stall before the request fails.
+    pub fn body_idle(&self) -> Duration {
+        Duration::from_secs(self.cfg.request_head_timeout_secs.max(60))
+    }
+}
+
+/// Runs blocking engine work off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("blocking task failed: {e}")))?
+}
+
+/// Where a request goes, with its path parameters parsed and validated.
+pub enum Route {
+    Base,
+    Catalog,
+    Metrics,
+    Blob(RepoName, Digest),
+    UploadStart(RepoName),
+    Upload(RepoName, String),
+    Manifest(RepoName, Reference),
+    Tags(RepoName),
+    Referrers(RepoName, Digest),
+}
+
+/// The route's name for logs and metrics (a fixed, small set).
+pub fn route_name(path: &str) -> &'static str {
+    if path == "/v2" || path == "/v2/" {
+        "base"
+    } else if path == "/metrics" {
+        "metrics"
+    } else if path == "/v2/_catalog" {
+        "catalog"
+    } else if !path.starts_with("/v2/") {
+        "unknown"
+    } else if path.ends_with("/tags/list") {
+        "tags"
+    } else if path.contains("/blobs/uploads/") || path.ends_with("/blobs/uploads") {
+        "upload"
+    } else if path.contains("/blobs/") {
+        "blob"
+    } else if path.contains("/manifests/") {
+        "manifest"
+    } else if path.contains("/referrers/") {
+        "referrers"
+    } else {
+        "unknown"
+    }
+}
+
+pub fn parse_route(path: &str) -> ApiResult<Route> {
+    match path {
+        "/v2" | "/v2/" => return Ok(Route::Base),
+        "/v2/_catalog" => return Ok(Route::Catalog),
+        "/metrics" => return Ok(Route::Metrics),
+        _ => {}
+    }
+    let rest = path.strip_prefix("/v2/").ok_or(ApiError::NotFound)?;
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Ok(Route::Tags(RepoName::parse(name)?));
+    }
+    if let Some(name) = rest
+        .strip_suffix("/blobs/uploads/")
+        .or_else(|| rest.strip_suffix("/blobs/uploads"))
+    {
+        return Ok(Route::UploadStart(RepoName::parse(name)?));
+    }
+    if let Some((name, id)) = rest.rsplit_once("/blobs/uploads/") {
+        if id.is_empty()
+            || id.len() > 64
+            || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(ApiError::BlobUploadUnknown);
+        }
+        return Ok(Route::Upload(RepoName::parse(name)?, id.to_string()));
+    }
+    if let Some((name, d)) = rest.rsplit_once("/blobs/") {
+        return Ok(Route::Blob(RepoName::parse(name)?, parse_digest(d)?));
+    }
+    if let Some((name, r)) = rest.rsplit_once("/manifests/") {
+        return Ok(Route::Manifest(
+            RepoName::parse(name)?,
+            Reference::parse(r)?,
+        ));
+    }
+    if let Some((name, d)) = rest.rsplit_once("/referrers/") {
+        return Ok(Route::Referrers(RepoName::parse(name)?, parse_digest(d)?));
+    }
+    Err(ApiError::NotFound)
+}
+
+/// Serves one request: routes it, turns errors into the spec's error body,
+/// adds the API version header, and logs and counts it.
+pub async fn handle(app: Arc<App>, req: Req) -> Resp {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let route = route_name(&path);
+    let bytes_in = crate::http::header(req.headers(), "content-length")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let mut resp = match dispatch(&app, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            if matches!(e, ApiError::Internal(_) | ApiError::Damaged(_)) {
+                tracing::error!(error = %e, %method, %path, "request failed");
+            }
+            error_response(&e)
+        }
+    };
+    resp.headers_mut().insert(
+        "Docker-Distribution-API-Version",
+        http::HeaderValue::from_static("registry/2.0"),
+    );
+    let status = resp.status().as_u16();
+    let bytes_out = if method == Method::HEAD {
+        0
+    } else {
+        crate::http::header(resp.headers(), "content-length")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let elapsed = start.elapsed();
+    app.metrics.sent_bytes.inc_by(bytes_out);
+    app.metrics
+        .observe_request(route, method.as_str(), status, elapsed);
+    tracing::info!(
+        target: "orlop::access",
+        method = %method,
+        path = %path,
+        route,
+        status,
+        bytes_in,
+        bytes_out,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+    );
+    resp
+}
+
+async fn dispatch(app: &Arc<App>, req: Req) -> ApiResult<Resp> {
+    let route = parse_route(req.uri().path())?;
+    let q = query_pairs(req.uri().query());
+    let m = req.method().clone();
+    let head = m == Method::HEAD;
+    match (route, m) {
+        (Route::Base, Method::GET | Method::HEAD) => Ok(respond(
+            200,
+            &[("Content-Type", "application/json".into())],
+            "{}",
+        )),
+        (Route::Metrics, Method::GET) => {
+            app.metrics
+                .upload_sessions
+                .set(app.uploads.open_count() as i64);
+            Ok(respond(
+                200,
+                &[(
+                    "Content-Type",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8".into(),
+                )],
+                app.metrics.render(),
+            ))
+        }
+        (Route::Catalog, Method::GET) => routes::lists::catalog(app, &q).await,
+        (Route::Tags(repo), Method::GET) => routes::lists::tags(app, repo, &q).await,
+        (Route::Referrers(repo, d), Method::GET) => {
+            routes::lists::referrers(app, repo, d, &q).await
+        }
+        (Route::Blob(repo, d), Method::GET | Method::HEAD) => {
+            routes::blobs::get(app, repo, d, head, req.headers()).await
+        }
+        (Route::Blob(repo, d), Method::DELETE) => routes::blobs::delete(app, repo, d).await,
+        (Route::UploadStart(repo), Method::POST) => {
+            routes::uploads::start(app, repo, &q, req).await
+        }
+        (Route::Upload(repo, id), Method::PATCH) => {
+            routes::uploads::patch(app, repo, id, req).await
+        }
+        (Route::Upload(repo, id), Method::PUT) => {
+            routes::uploads::finish(app, repo, id, &q, req).await
+        }
+        (Route::Upload(repo, id), Method::GET) => routes::uploads::status(app, repo, id).await,
+        (Route::Upload(repo, id), Method::DELETE) => routes::uploads::cancel(app, repo, id).await,
+        (Route::Manifest(repo, r), Method::GET | Method::HEAD) => {
+            routes::manifests::get(app, repo, r, head, req.headers()).await
+        }
+        (Route::Manifest(repo, r), Method::PUT) => routes::manifests::put(app, repo, r, req).await,
+        (Route::Manifest(repo, r), Method::DELETE) => routes::manifests::delete(app, repo, r).await,
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_parse() {
+        let d = Digest::sha256_of(b"a").to_string();
+        assert!(matches!(parse_route("/v2/"), Ok(Route::Base)));
+        assert!(
+            matches!(parse_route("/v2/a/b/tags/list"), Ok(Route::Tags(n)) if n.as_str() == "a/b")
+        );
+        assert!(matches!(
+            parse_route("/v2/a/blobs/uploads/"),
+            Ok(Route::UploadStart(_))
+        ));
+        assert!(
+            matches!(parse_route("/v2/a/blobs/uploads/abc"), Ok(Route::Upload(_, id)) if id == "abc")
+        );
+        assert!(
+            matches!(parse_route(&format!("/v2/blobs/blobs/{d}")), Ok(Route::Blob(n, _)) if n.as_str() == "blobs")
+        );
+        assert!(matches!(
+            parse_route("/v2/x/manifests/latest"),
+            Ok(Route::Manifest(_, Reference::Tag(_)))
+        ));
+        assert!(matches!(
+            parse_route(&format!("/v2/x/referrers/{d}")),
+            Ok(Route::Referrers(..))
+        ));
+        assert!(matches!(
+            parse_route("/v2/UPPER/manifests/x"),
+            Err(ApiError::NameInvalid(_))
+        ));
+        assert!(matches!(
+            parse_route("/v2/x/blobs/sha256:nothex"),
+            Err(ApiError::DigestInvalid(_))
+        ));
+        assert!(matches!(
+            parse_route("/v2/x/whatever"),
+            Err(ApiError::NotFound)
+        ));
+        assert!(matches!(parse_route("/other"), Err(ApiError::NotFound)));
+        assert_eq!(route_name("/v2/a/blobs/uploads/"), "upload");
+        assert_eq!(route_name(&format!("/v2/a/blobs/{d}")), "blob");
+    }
+}

@@ -1,0 +1,213 @@
+//! Server configuration: built-in defaults (an embedded single node under
+//! ./data on 127.0.0.1:5000), then a TOML file, then `ORLOP_*` environment
+//! variables, then command-line flags, each overriding the one before.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Data directory of the store.
+    pub data: PathBuf,
+    /// Key file (default: `<data>/store.key`, created with mode 0600).
+    pub key_file: Option<PathBuf>,
+    /// Largest manifest accepted (the spec asks for at least 4 MiB).
+    pub manifest_bytes_max: u64,
+    /// Largest blob accepted, across all requests of one upload.
+    pub blob_bytes_max: u64,
+    /// Upload sessions open at once; more get 429 TOOMANYREQUESTS.
+    pub upload_sessions_max: usize,
+    /// Request bodies streaming into the engine at once; more wait.
+    pub uploads_streaming_max: usize,
+    /// An upload session idle this long is cancelled and its data released.
+    pub upload_expiry_secs: u64,
+    /// Connections served at once; more wait in the listen backlog.
+    pub connections_max: usize,
+    /// Largest page of tags, repositories or referrers returned.
+    pub list_page_max: usize,
+    /// How long a graceful shutdown waits for requests in flight.
+    pub shutdown_grace_secs: u64,
+    /// Time allowed to receive a request's head.
+    pub request_head_timeout_secs: u64,
+    /// Whether DELETE of blobs and manifests is allowed.
+    pub delete_enabled: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            data: PathBuf::from("./data"),
+            key_file: None,
+            manifest_bytes_max: 4 << 20,
+            blob_bytes_max: 64 << 30,
+            upload_sessions_max: 256,
+            uploads_streaming_max: 16,
+            upload_expiry_secs: 3600,
+            connections_max: 1024,
+            list_page_max: 1000,
+            shutdown_grace_secs: 30,
+            request_head_timeout_secs: 30,
+            delete_enabled: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}={value:?}: {message}")]
+    Env {
+        var: String,
+        value: String,
+        message: String,
+    },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl ServerConfig {
+    /// Loads the file (when given) over the defaults, then applies `env`.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut cfg = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?
+            }
+            None => ServerConfig::default(),
+        };
+        for (var, value) in env {
+            cfg.apply_env(&var, &value)?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Applies one `ORLOP_<SETTING>` variable; others are ignored.
+    fn apply_env(&mut self, var: &str, value: &str) -> Result<(), ConfigError> {
+        let Some(name) = var.strip_prefix("ORLOP_") else {
+            return Ok(());
+        };
+        let bad = |message: String| ConfigError::Env {
+            var: var.to_string(),
+            value: value.to_string(),
+            message,
+        };
+        fn num<T: std::str::FromStr>(v: &str) -> Result<T, String>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.trim().parse::<T>().map_err(|e| e.to_string())
+        }
+        match name {
+            "ADDR" => self.addr = num(value).map_err(bad)?,
+            "DATA" => self.data = PathBuf::from(value),
+            "KEY_FILE" => self.key_file = Some(PathBuf::from(value)),
+            "MANIFEST_BYTES_MAX" => self.manifest_bytes_max = num(value).map_err(bad)?,
+            "BLOB_BYTES_MAX" => self.blob_bytes_max = num(value).map_err(bad)?,
+            "UPLOAD_SESSIONS_MAX" => self.upload_sessions_max = num(value).map_err(bad)?,
+            "UPLOADS_STREAMING_MAX" => self.uploads_streaming_max = num(value).map_err(bad)?,
+            "UPLOAD_EXPIRY_SECS" => self.upload_expiry_secs = num(value).map_err(bad)?,
+            "CONNECTIONS_MAX" => self.connections_max = num(value).map_err(bad)?,
+            "LIST_PAGE_MAX" => self.list_page_max = num(value).map_err(bad)?,
+            "SHUTDOWN_GRACE_SECS" => self.shutdown_grace_secs = num(value).map_err(bad)?,
+            "REQUEST_HEAD_TIMEOUT_SECS" => {
+                self.request_head_timeout_secs = num(value).map_err(bad)?
+            }
+            "DELETE_ENABLED" => self.delete_enabled = num(value).map_err(bad)?,
+            // Variables of other commands (ORLOP_LOG, ORLOP_STORE_KEY, ...).
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("manifest_bytes_max", self.manifest_bytes_max),
+            ("blob_bytes_max", self.blob_bytes_max),
+            ("upload_sessions_max", self.upload_sessions_max as u64),
+            ("uploads_streaming_max", self.uploads_streaming_max as u64),
+            ("upload_expiry_secs", self.upload_expiry_secs),
+            ("connections_max", self.connections_max as u64),
+            ("list_page_max", self.list_page_max as u64),
+            ("request_head_timeout_secs", self.request_head_timeout_secs),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.manifest_bytes_max > 64 << 20 {
+            return Err(ConfigError::Invalid(
+                "manifest_bytes_max is held in memory: at most 64 MiB".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let f = dir.path().join("orlop.toml");
+        std::fs::write(
+            &f,
+            "addr = \"0.0.0.0:6000\"\nupload_expiry_secs = 60\ndata = \"/srv/orlop\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let env = vec![
+            ("ORLOP_UPLOAD_EXPIRY_SECS".to_string(), "5".to_string()),
+            ("ORLOP_LOG".to_string(), "debug".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let c = ServerConfig::load(Some(&f), env).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.addr.port(), 6000);
+        assert_eq!(c.upload_expiry_secs, 5);
+        assert_eq!(c.data, PathBuf::from("/srv/orlop"));
+        assert_eq!(c.manifest_bytes_max, 4 << 20);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let f = dir.path().join("orlop.toml");
+        std::fs::write(&f, "no_such_setting = 1\n").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            ServerConfig::load(Some(&f), vec![]),
+            Err(ConfigError::Parse { .. })
+        ));
+        let env = vec![("ORLOP_LIST_PAGE_MAX".to_string(), "many".to_string())];
+        assert!(matches!(
+            ServerConfig::load(None, env),
+            Err(ConfigError::Env { .. })
+        ));
+        let env = vec![("ORLOP_UPLOAD_SESSIONS_MAX".to_string(), "0".to_string())];
+        assert!(matches!(
+            ServerConfig::load(None, env),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,492 @@
+//! The registry's metadata: repositories, blob links, manifests, tags and
+//! referrers, kept in the server's own column families through the engine's
+//! kv API. Every change is one engine [`Txn`] whose preconditions re-check
+//! what the change was decided on, so that concurrent clients cannot make
+//! rows and blob reference counts disagree.
+//!
+//! Reference rule (docs/ARCHITECTURE.md): a link holds one reference on its
+//! blob; a manifest row holds one on the manifest itself, one on each
+//! distinct blob and one on each distinct child manifest it names; a tag
+//! holds one on its manifest. A subject holds none.
+
+pub mod codec;
+
+use crate::error::{ApiError, ApiResult};
+use crate::names::{RepoName, Tag};
+use codec::encode_time;
+pub use codec::ManifestMeta;
+use orlop_engine::{Digest, Error as EngineError, Store, Txn};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub const CF_REPOS: &str = "reg_repos";
+pub const CF_LINKS: &str = "reg_links";
+pub const CF_MANIFESTS: &str = "reg_manifests";
+pub const CF_TAGS: &str = "reg_tags";
+pub const CF_REFERRERS: &str = "reg_referrers";
+pub const CF_CHILDREN: &str = "reg_children";
+pub const REGISTRY_CFS: [&str; 6] = [
+    CF_REPOS,
+    CF_LINKS,
+    CF_MANIFESTS,
+    CF_TAGS,
+    CF_REFERRERS,
+    CF_CHILDREN,
+];
+
+/// Retries of a transaction whose precondition lost a race.
+const CONFLICT_RETRIES_MAX: usize = 32;
+
+/// `repo 0x00 suffix`: names cannot contain 0x00, so one repository's rows
+/// never share a prefix with another's.
+fn rkey(repo: &RepoName, suffix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(repo.as_str().len() + 1 + suffix.len());
+    k.extend_from_slice(repo.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(suffix);
+    k
+}
+
+fn cat(a: &[u8], b: &[u8]) -> Vec<u8> {
+    [a, b].concat()
+}
+
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A manifest about to be recorded: its row plus what the checks need.
+pub struct NewManifest {
+    pub digest: Digest,
+    pub meta: ManifestMeta,
+    /// (digest, size) of each distinct blob, checked against the store
+    /// (schema 1 manifests give no sizes).
+    pub blob_sizes: Vec<(Digest, Option<u64>)>,
+    /// (digest, size) of each distinct child manifest.
+    pub child_sizes: Vec<(Digest, u64)>,
+    /// The referrer descriptor (JSON) stored under the subject, if any.
+    pub referrer: Option<Vec<u8>>,
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    store: Arc<Store>,
+}
+
+impl Registry {
+    pub fn new(store: Arc<Store>) -> Self {
+        Registry { store }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn get(&self, cf: &str, key: &[u8]) -> ApiResult<Option<Vec<u8>>> {
+        Ok(self.store.kv_get(cf, key)?)
+    }
+
+    /// Runs `build` until its transaction applies without a conflict.
+    fn retry(&self, mut build: impl FnMut() -> ApiResult<Option<Txn>>) -> ApiResult<()> {
+        for _ in 0..CONFLICT_RETRIES_MAX {
+            let Some(txn) = build()? else { return Ok(()) };
+            match self.store.apply(txn) {
+                Ok(()) => return Ok(()),
+                Err(EngineError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::TooManyRequests(
+            "too many concurrent changes to the same rows; retry".into(),
+        ))
+    }
+
+    fn ensure_repo(&self, txn: &mut Txn, repo: &RepoName) -> ApiResult<()> {
+        if self.get(CF_REPOS, repo.as_str().as_bytes())?.is_none() {
+            txn.put(CF_REPOS, repo.as_str(), encode_time(now_unix_ms()));
+        }
+        Ok(())
+    }
+
+    pub fn repo_exists(&self, repo: &RepoName) -> ApiResult<bool> {
+        Ok(self.get(CF_REPOS, repo.as_str().as_bytes())?.is_some())
+    }
+
+    pub fn blob_linked(&self, repo: &RepoName, d: &Digest) -> ApiResult<bool> {
+        Ok(self.get(CF_LINKS, &rkey(repo, &d.to_key()))?.is_some())
+    }
+
+    /// Links a stored blob into a repository (idempotent); the link holds a reference.
+    pub fn link_blob(&self, repo: &RepoName, d: &Digest) -> ApiResult<()> {
+        let key = rkey(repo, &d.to_key());
+        self.retry(|| {
+            if self.get(CF_LINKS, &key)?.is_some() {
+                return Ok(None);
+            }
+            let mut t = Txn::new();
+            t.expect(CF_LINKS, key.clone(), None);
+            t.put(CF_LINKS, key.clone(), encode_time(now_unix_ms()));
+            t.add_ref(d);
+            self.ensure_repo(&mut t, repo)?;
+            Ok(Some(t))
+        })
+    }
+
+    /// Removes a blob's link; false when it was not linked.
+    pub fn unlink_blob(&self, repo: &RepoName, d: &Digest) -> ApiResult<bool> {
+        let key = rkey(repo, &d.to_key());
+        let mut found = false;
+        self.retry(|| {
+            let Some(cur) = self.get(CF_LINKS, &key)? else {
+                found = false;
+                return Ok(None);
+            };
+            found = true;
+            let mut t = Txn::new();
+            t.expect(CF_LINKS, key.clone(), Some(cur));
+            t.delete(CF_LINKS, key.clone());
+            t.drop_ref(d);
+            Ok(Some(t))
+        })?;
+        Ok(found)
+    }
+
+    pub fn manifest(&self, repo: &RepoName, d: &Digest) -> ApiResult<Option<ManifestMeta>> {
+        match self.get(CF_MANIFESTS, &rkey(repo, &d.to_key()))? {
+            None => Ok(None),
+            Some(v) => ManifestMeta::decode(&v)
+                .map(Some)
+                .ok_or_else(|| ApiError::Damaged(format!("manifest row of {repo}@{d}"))),
+        }
+    }
+
+    pub fn tag(&self, repo: &RepoName, tag: &Tag) -> ApiResult<Option<Digest>> {
+        match self.get(CF_TAGS, &rkey(repo, tag.as_str().as_bytes()))? {
+            None => Ok(None),
+            Some(v) => Digest::from_key(&v)
+                .map(Some)
+                .map_err(|_| ApiError::Damaged(format!("tag row {repo}:{tag}"))),
+        }
+    }
+
+    /// Records a manifest (if new) and points `tag` at it (if given).
+    pub fn put_manifest(
+        &self,
+        repo: &RepoName,
+        m: &NewManifest,
+        tag: Option<&Tag>,
+    ) -> ApiResult<()> {
+        let mkey = rkey(repo, &m.digest.to_key());
+        self.retry(|| {
+            let mut t = Txn::new();
+            match self.get(CF_MANIFESTS, &mkey)? {
+                Some(cur) => t.expect(CF_MANIFESTS, mkey.clone(), Some(cur)),
+                None => self.add_manifest_rows(&mut t, repo, m, &mkey)?,
+            }
+            if let Some(tag) = tag {
+                let tkey = rkey(repo, tag.as_str().as_bytes());
+                let cur = self.get(CF_TAGS, &tkey)?;
+                let old = cur.as_deref().and_then(|v| Digest::from_key(v).ok());
+                if old.as_ref() != Some(&m.digest) {
+                    t.expect(CF_TAGS, tkey.clone(), cur);
+                    t.put(CF_TAGS, tkey, m.digest.to_key());
+                    t.add_ref(&m.digest);
+                    if let Some(old) = old {
+                        t.drop_ref(&old);
+                    }
+                }
+            }
+            self.ensure_repo(&mut t, repo)?;
+            Ok(Some(t))
+        })
+    }
+
+    fn add_manifest_rows(
+        &self,
+        t: &mut Txn,
+        repo: &RepoName,
+        m: &NewManifest,
+        mkey: &[u8],
+    ) -> ApiResult<()> {
+        t.expect(CF_MANIFESTS, mkey.to_vec(), None);
+        t.put(CF_MANIFESTS, mkey.to_vec(), m.meta.encode());
+        t.add_ref(&m.digest);
+        for (d, size) in &m.blob_sizes {
+            let stored = self
+                .store
+                .stat(d)?
+                .ok_or_else(|| ApiError::ManifestBlobUnknown(d.clone()))?;
+            if let Some(size) = size.filter(|s| *s != stored.size) {
+                return Err(ApiError::ManifestInvalid(format!(
+                    "descriptor of {d} says {size} bytes, the blob has {}",
+                    stored.size
+                )));
+            }
+            let lkey = rkey(repo, &d.to_key());
+            match self.get(CF_LINKS, &lkey)? {
+                // Keep the link in place until this manifest holds its own reference.
+                Some(cur) => t.expect(CF_LINKS, lkey, Some(cur)),
+                // A blob the registry holds in another repository: link it here too.
+                None => {
+                    t.expect(CF_LINKS, lkey.clone(), None);
+                    t.put(CF_LINKS, lkey, encode_time(now_unix_ms()));
+                    t.add_ref(d);
+                }
+            }
+            t.add_ref(d);
+        }
+        for (d, size) in &m.child_sizes {
+            let ckey = rkey(repo, &d.to_key());
+            let cur = self.get(CF_MANIFESTS, &ckey)?;
+            let mut child = cur
+                .as_deref()
+                .map(|v| {
+                    ManifestMeta::decode(v)
+                        .ok_or_else(|| ApiError::Damaged(format!("manifest row of {repo}@{d}")))
+                })
+                .transpose()?
+                .ok_or_else(|| ApiError::ManifestBlobUnknown(d.clone()))?;
+            if child.size != *size {
+                return Err(ApiError::ManifestInvalid(format!(
+                    "descriptor of child manifest {d} says {size} bytes, it has {}",
+                    child.size
+                )));
+            }
+            child.parents = child.parents.saturating_add(1);
+            t.expect(CF_MANIFESTS, ckey.clone(), cur);
+            t.put(CF_MANIFESTS, ckey, child.encode());
+            t.put(
+                CF_CHILDREN,
+                rkey(repo, &cat(&d.to_key(), &m.digest.to_key())),
+                Vec::new(),
+            );
+            t.add_ref(d);
+        }
+        if let (Some(subject), Some(desc)) = (&m.meta.subject, &m.referrer) {
+            t.put(
+                CF_REFERRERS,
+                rkey(repo, &cat(&subject.to_key(), &m.digest.to_key())),
+                desc.clone(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes a manifest, every tag that points at it, and its referrer row.
+    pub fn delete_manifest(&self, repo: &RepoName, d: &Digest) -> ApiResult<()> {
+        let mkey = rkey(repo, &d.to_key());
+        let dkey = d.to_key();
+        self.retry(|| {
+            let cur = self
+                .get(CF_MANIFESTS, &mkey)?
+                .ok_or_else(|| ApiError::ManifestUnknown(d.to_string()))?;
+            let meta = ManifestMeta::decode(&cur)
+                .ok_or_else(|| ApiError::Damaged(format!("manifest row of {repo}@{d}")))?;
+            if meta.parents > 0 {
+                let parent = self
+                    .store
+                    .kv_scan(CF_CHILDREN, &rkey(repo, &dkey), None, 1)?
+                    .first()
+                    .and_then(|(k, _)| Digest::from_key(&k[mkey.len()..]).ok())
+                    .unwrap_or_else(|| d.clone());
+                return Err(ApiError::ManifestReferenced { parent });
+            }
+            let mut t = Txn::new();
+            t.expect(CF_MANIFESTS, mkey.clone(), Some(cur));
+            t.delete(CF_MANIFESTS, mkey.clone());
+            for held in meta.held_refs(d) {
+                t.drop_ref(held);
+            }
+            for child in &meta.manifests {
+                self.release_child(&mut t, repo, child, d)?;
+            }
+            if let Some(subject) = &meta.subject {
+                t.delete(CF_REFERRERS, rkey(repo, &cat(&subject.to_key(), &dkey)));
+            }
+            for (tkey, value) in self.tags_pointing_at(repo, d)? {
+                t.expect(CF_TAGS, tkey.clone(), Some(value));
+                t.delete(CF_TAGS, tkey);
+                t.drop_ref(d);
+            }
+            Ok(Some(t))
+        })
+    }
+
+    fn release_child(
+        &self,
+        t: &mut Txn,
+        repo: &RepoName,
+        child: &Digest,
+        parent: &Digest,
+    ) -> ApiResult<()> {
+        let ckey = rkey(repo, &child.to_key());
+        t.delete(
+            CF_CHILDREN,
+            rkey(repo, &cat(&child.to_key(), &parent.to_key())),
+        );
+        let Some(cur) = self.get(CF_MANIFESTS, &ckey)? else {
+            return Ok(());
+        };
+        let mut meta = ManifestMeta::decode(&cur)
+            .ok_or_else(|| ApiError::Damaged(format!("manifest row of {repo}@{child}")))?;
+        meta.parents = meta.parents.saturating_sub(1);
+        t.expect(CF_MANIFESTS, ckey.clone(), Some(cur));
+        t.put(CF_MANIFESTS, ckey, meta.encode());
+        Ok(())
+    }
+
+    fn tags_pointing_at(&self, repo: &RepoName, d: &Digest) -> ApiResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let prefix = rkey(repo, b"");
+        let want = d.to_key();
+        let mut out = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .store
+                .kv_scan(CF_TAGS, &prefix, after.as_deref(), 1024)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            out.extend(page.into_iter().filter(|(_, v)| *v == want));
+        }
+        Ok(out)
+    }
+
+    /// Removes one tag; false when the tag did not exist.
+    pub fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> ApiResult<bool> {
+        let tkey = rkey(repo, tag.as_str().as_bytes());
+        let mut found = false;
+        self.retry(|| {
+            let Some(cur) = self.get(CF_TAGS, &tkey)? else {
+                found = false;
+                return Ok(None);
+            };
+            found = true;
+            let d = Digest::from_key(&cur)
+                .map_err(|_| ApiError::Damaged(format!("tag row {repo}:{tag}")))?;
+            let mut t = Txn::new();
+            t.expect(CF_TAGS, tkey.clone(), Some(cur));
+            t.delete(CF_TAGS, tkey.clone());
+            t.drop_ref(&d);
+            Ok(Some(t))
+        })?;
+        Ok(found)
+    }
+
+    /// Up to `n` tags of a repository after `last`, and whether more follow.
+    pub fn tags(
+        &self,
+        repo: &RepoName,
+        last: Option<&str>,
+        n: usize,
+    ) -> ApiResult<(Vec<String>, bool)> {
+        let prefix = rkey(repo, b"");
+        let after = last.map(|l| rkey(repo, l.as_bytes()));
+        let mut rows = self
+            .store
+            .kv_scan(CF_TAGS, &prefix, after.as_deref(), n + 1)?;
+        let more = rows.len() > n;
+        rows.truncate(n);
+        let tags = rows
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .collect();
+        Ok((tags, more))
+    }
+
+    /// Up to `n` repository names after `last`, and whether more follow.
+    pub fn repos(&self, last: Option<&str>, n: usize) -> ApiResult<(Vec<String>, bool)> {
+        let mut rows = self
+            .store
+            .kv_scan(CF_REPOS, b"", last.map(str::as_bytes), n + 1)?;
+        let more = rows.len() > n;
+        rows.truncate(n);
+        Ok((
+            rows.into_iter()
+                .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+                .collect(),
+            more,
+        ))
+    }
+
+    /// The referrer descriptors (JSON) stored for `subject`, up to `n`.
+    pub fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        n: usize,
+    ) -> ApiResult<Vec<Vec<u8>>> {
+        let rows = self
+            .store
+            .kv_scan(CF_REFERRERS, &rkey(repo, &subject.to_key()), None, n)?;
+        Ok(rows.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// Recomputes every blob's expected reference count from the registry's
+    /// rows and lists each blob whose stored count differs.
+    pub fn audit_refs(&self) -> ApiResult<Vec<String>> {
+        let mut expected: BTreeMap<Digest, u64> = BTreeMap::new();
+        let mut bump = |d: Digest| *expected.entry(d).or_insert(0) += 1;
+        let mut problems = Vec::new();
+        self.scan_all(CF_LINKS, |k, _| match split_digest_suffix(k) {
+            Some(d) => bump(d),
+            None => problems.push(format!("bad link row {}", hex::encode(k))),
+        })?;
+        self.scan_all(CF_TAGS, |k, v| match Digest::from_key(v) {
+            Ok(d) => bump(d),
+            Err(_) => problems.push(format!("bad tag row {}", String::from_utf8_lossy(k))),
+        })?;
+        self.scan_all(CF_MANIFESTS, |k, v| {
+            match (split_digest_suffix(k), ManifestMeta::decode(v)) {
+                (Some(own), Some(m)) => {
+                    for d in m.held_refs(&own) {
+                        bump(d.clone());
+                    }
+                }
+                _ => problems.push(format!("bad manifest row {}", hex::encode(k))),
+            }
+        })?;
+        let mut actual: BTreeMap<Digest, u64> = BTreeMap::new();
+        self.store.for_each_blob(|b| {
+            actual.insert(b.digest, b.refs);
+            Ok(())
+        })?;
+        for (d, want) in &expected {
+            match actual.get(d) {
+                None => problems.push(format!("{d}: referenced {want} times but not stored")),
+                Some(have) if have != want => {
+                    problems.push(format!("{d}: refcount {have}, registry rows hold {want}"))
+                }
+                Some(_) => {}
+            }
+        }
+        for (d, have) in &actual {
+            if *have > 0 && !expected.contains_key(d) {
+                problems.push(format!("{d}: refcount {have}, registry rows hold 0"));
+            }
+        }
+        Ok(problems)
+    }
+
+    fn scan_all(&self, cf: &str, mut f: impl FnMut(&[u8], &[u8])) -> ApiResult<()> {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.store.kv_scan(cf, b"", after.as_deref(), 4096)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.clone());
+            for (k, v) in &page {
+                f(k, v);
+            }
+        }
+    }
+}
+
+/// The digest at the end of a `repo 0x00 digest_key` row key.
+fn split_digest_suffix(k: &[u8]) -> Option<Digest> {
+    let pos = k.iter().position(|b| *b == 0)?;
+    Digest::from_key(&k[pos + 1..]).ok()
+}

@@ -1,0 +1,175 @@
+//! Prometheus metrics, served at `/metrics` in the text exposition format.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub method: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to about 3.3 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: HistogramFamily<RouteLabels>,
+    pub received_bytes: Counter,
+    pub sent_bytes: Counter,
+    pub upload_sessions: Gauge,
+    pub uploads_expired: Counter,
+    pub blob_commit_seconds: Histogram,
+    pub engine: EngineObserver,
+}
+
+/// The engine's commit-path timings, fed through [`orlop_engine::Observer`].
+#[derive(Clone)]
+pub struct EngineObserver {
+    segment_fsync_seconds: Histogram,
+    index_write_seconds: Histogram,
+    group_commit_requests: Histogram,
+}
+
+impl std::fmt::Debug for EngineObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EngineObserver")
+    }
+}
+
+impl orlop_engine::Observer for EngineObserver {
+    fn segment_synced(&self, elapsed: Duration) {
+        self.segment_fsync_seconds.observe(elapsed.as_secs_f64());
+    }
+    fn index_written(&self, elapsed: Duration) {
+        self.index_write_seconds.observe(elapsed.as_secs_f64());
+    }
+    fn group_committed(&self, requests: usize) {
+        self.group_commit_requests.observe(requests as f64);
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "orlop_http_requests",
+            "HTTP requests by route, method and status",
+            requests.clone(),
+        );
+        let request_seconds: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "orlop_http_request_duration_seconds",
+            "Time from request head to response head, by route",
+            request_seconds.clone(),
+        );
+        let received_bytes = Counter::default();
+        registry.register(
+            "orlop_http_received_bytes",
+            "Request body bytes received",
+            received_bytes.clone(),
+        );
+        let sent_bytes = Counter::default();
+        registry.register(
+            "orlop_http_sent_bytes",
+            "Response body bytes sent (as declared by Content-Length)",
+            sent_bytes.clone(),
+        );
+        let upload_sessions = Gauge::default();
+        registry.register(
+            "orlop_upload_sessions",
+            "Blob upload sessions open",
+            upload_sessions.clone(),
+        );
+        let uploads_expired = Counter::default();
+        registry.register(
+            "orlop_upload_sessions_expired",
+            "Upload sessions cancelled because they were idle too long",
+            uploads_expired.clone(),
+        );
+        let blob_commit_seconds = latency_histogram();
+        registry.register(
+            "orlop_blob_commit_duration_seconds",
+            "Time to commit an uploaded blob durably (digest check, fsync, index)",
+            blob_commit_seconds.clone(),
+        );
+        let engine = EngineObserver {
+            segment_fsync_seconds: latency_histogram(),
+            index_write_seconds: latency_histogram(),
+            group_commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+        };
+        registry.register(
+            "orlop_engine_segment_fsync_duration_seconds",
+            "fsync of the active segment before a group commit",
+            engine.segment_fsync_seconds.clone(),
+        );
+        registry.register(
+            "orlop_engine_index_write_duration_seconds",
+            "Synced RocksDB write batch of a group commit",
+            engine.index_write_seconds.clone(),
+        );
+        registry.register(
+            "orlop_engine_group_commit_requests",
+            "Requests gathered into one group commit",
+            engine.group_commit_requests.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_seconds,
+            received_bytes,
+            sent_bytes,
+            upload_sessions,
+            uploads_expired,
+            blob_commit_seconds,
+            engine,
+        }
+    }
+
+    pub fn observe_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_string(),
+                method: method.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,267 @@
+//! Blob uploads: POST (start a session, single-request upload with
+//! `digest`, or a cross-repository mount), PATCH (chunked with
+//! `Content-Range`, or streamed), PUT (finish), GET (status) and DELETE
+//! (cancel).
+
+use crate::app::{blocking, App, Req};
+use crate::error::{ApiError, ApiResult};
+use crate::http::{header, next_data, parse_content_range, query_get, respond, upload_range, Resp};
+use crate::names::{parse_digest, RepoName};
+use crate::upload::{Session, State, WriterTask};
+use bytes::Bytes;
+use hyper::body::Incoming;
+use orlop_engine::Digest;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn session_location(repo: &RepoName, id: &str) -> String {
+    format!("/v2/{repo}/blobs/uploads/{id}")
+}
+
+fn session_headers(repo: &RepoName, id: &str, offset: u64) -> Vec<(&'static str, String)> {
+    vec![
+        ("Location", session_location(repo, id)),
+        ("Range", upload_range(offset)),
+        ("Docker-Upload-UUID", id.to_string()),
+    ]
+}
+
+fn created(repo: &RepoName, d: &Digest) -> Resp {
+    respond(
+        201,
+        &[
+            ("Location", format!("/v2/{repo}/blobs/{d}")),
+            ("Docker-Content-Digest", d.to_string()),
+        ],
+        Bytes::new(),
+    )
+}
+
+/// Streams a request body into a writer; returns the bytes it carried.
+/// `before` is what the upload already holds (the size bound is per blob).
+async fn pump(app: &App, body: &mut Incoming, w: &WriterTask, before: u64) -> ApiResult<u64> {
+    let _permit = app
+        .streaming
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Unavailable("shutting down".into()))?;
+    let limit = app.cfg.blob_bytes_max;
+    let mut n = 0u64;
+    while let Some(piece) = next_data(body, app.body_idle()).await? {
+        n += piece.len() as u64;
+        if before.saturating_add(n) > limit {
+            return Err(ApiError::TooLarge {
+                size: before.saturating_add(n),
+                limit,
+            });
+        }
+        app.metrics.received_bytes.inc_by(piece.len() as u64);
+        w.write(piece).await?;
+    }
+    Ok(n)
+}
+
+async fn link(app: &App, repo: &RepoName, d: &Digest) -> ApiResult<()> {
+    let reg = app.registry.clone();
+    let (repo, d) = (repo.clone(), d.clone());
+    blocking(move || reg.link_blob(&repo, &d)).await
+}
+
+/// Commits a writer, timing it, then links the blob into the repository.
+async fn commit_and_link(app: &App, repo: &RepoName, w: WriterTask, d: Digest) -> ApiResult<()> {
+    let t = Instant::now();
+    let info = w.commit(Some(d)).await?;
+    app.metrics
+        .blob_commit_seconds
+        .observe(t.elapsed().as_secs_f64());
+    link(app, repo, &info.digest).await
+}
+
+pub async fn start(
+    app: &Arc<App>,
+    repo: RepoName,
+    q: &[(String, String)],
+    req: Req,
+) -> ApiResult<Resp> {
+    if let Some(m) = query_get(q, "mount") {
+        let d = parse_digest(m)?;
+        let from = query_get(q, "from").map(RepoName::parse).transpose()?;
+        if try_mount(app, &repo, &d, from).await? {
+            return Ok(created(&repo, &d));
+        }
+        // Not mountable: the client gets a session and uploads the blob.
+    } else if let Some(dg) = query_get(q, "digest") {
+        let d = parse_digest(dg)?;
+        let w = WriterTask::spawn(app.store().clone(), Some(d.clone()))?;
+        let mut body = req.into_body();
+        pump(app, &mut body, &w, 0).await?;
+        commit_and_link(app, &repo, w, d.clone()).await?;
+        return Ok(created(&repo, &d));
+    }
+    let s = app.uploads.create(&repo)?;
+    let mut hs = session_headers(&repo, &s.id, 0);
+    hs.push(("Content-Length", "0".into()));
+    Ok(respond(202, &hs, Bytes::new()))
+}
+
+/// Links `d` into `repo` from `from` (or, without `from`, from anywhere
+/// the registry holds it). False when it cannot be mounted.
+async fn try_mount(
+    app: &App,
+    repo: &RepoName,
+    d: &Digest,
+    from: Option<RepoName>,
+) -> ApiResult<bool> {
+    let reg = app.registry.clone();
+    let (repo, d) = (repo.clone(), d.clone());
+    blocking(move || {
+        let available = match &from {
+            Some(from) => reg.blob_linked(from, &d)?,
+            None => reg.store().stat(&d)?.is_some(),
+        };
+        if !available {
+            return Ok(false);
+        }
+        match reg.link_blob(&repo, &d) {
+            Ok(()) => Ok(true),
+            // Gone between the check and the link: upload it instead.
+            Err(ApiError::BlobUnknown(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}
+
+/// Locks a session for one request, refusing closed or broken ones.
+async fn lock<'a>(app: &App, s: &'a Session) -> ApiResult<tokio::sync::MutexGuard<'a, State>> {
+    let mut st = s.state.lock().await;
+    if st.closed {
+        return Err(ApiError::BlobUploadUnknown);
+    }
+    if st.streaming {
+        close(app, s, &mut st);
+        return Err(ApiError::BlobUploadInvalid(
+            "an earlier request on this upload was cut off mid-body; start the upload again".into(),
+        ));
+    }
+    Ok(st)
+}
+
+/// Ends a session; dropping its writer aborts the write.
+fn close(app: &App, s: &Session, st: &mut State) {
+    st.closed = true;
+    st.writer = None;
+    app.uploads.remove(&s.id);
+}
+
+/// Appends one request body to the session at its current offset, checking
+/// `Content-Range` (out of order: 416) and `Content-Length` against it.
+async fn append(app: &App, s: &Session, st: &mut State, req: Req) -> ApiResult<()> {
+    let range = header(req.headers(), "content-range")
+        .map(parse_content_range)
+        .transpose()?;
+    let declared = header(req.headers(), "content-length").and_then(|v| v.parse::<u64>().ok());
+    let mut want = None;
+    if let Some((start, end)) = range {
+        if start != st.offset {
+            return Err(ApiError::UploadOutOfOrder {
+                offset: st.offset,
+                location: session_location(&s.repo, &s.id),
+            });
+        }
+        let n = end - start + 1;
+        if declared.is_some_and(|c| c != n) {
+            return Err(ApiError::SizeInvalid(format!(
+                "Content-Range covers {n} bytes, Content-Length says {}",
+                declared.unwrap_or(0)
+            )));
+        }
+        want = Some(n);
+    }
+    if declared == Some(0) && range.is_none() {
+        return Ok(());
+    }
+    if st.writer.is_none() {
+        st.writer = Some(WriterTask::spawn(app.store().clone(), None)?);
+    }
+    st.streaming = true;
+    let before = st.offset;
+    let Some(w) = st.writer.as_ref() else {
+        return Err(ApiError::Internal("upload writer missing".into()));
+    };
+    let mut body = req.into_body();
+    let result = async {
+        let n = pump(app, &mut body, w, before).await?;
+        if want.is_some_and(|w| w != n) {
+            return Err(ApiError::SizeInvalid(format!(
+                "Content-Range promised {} bytes, the body had {n}",
+                want.unwrap_or(0)
+            )));
+        }
+        w.sync().await
+    }
+    .await;
+    match result {
+        Ok(size) => {
+            st.offset = size;
+            st.streaming = false;
+            s.touch(app.uploads.epoch());
+            Ok(())
+        }
+        Err(e) => {
+            close(app, s, st);
+            Err(e)
+        }
+    }
+}
+
+pub async fn patch(app: &Arc<App>, repo: RepoName, id: String, req: Req) -> ApiResult<Resp> {
+    let s = app.uploads.get(&repo, &id)?;
+    let mut st = lock(app, &s).await?;
+    append(app, &s, &mut st, req).await?;
+    let mut hs = session_headers(&repo, &id, st.offset);
+    hs.push(("Content-Length", "0".into()));
+    Ok(respond(202, &hs, Bytes::new()))
+}
+
+pub async fn finish(
+    app: &Arc<App>,
+    repo: RepoName,
+    id: String,
+    q: &[(String, String)],
+    req: Req,
+) -> ApiResult<Resp> {
+    let s = app.uploads.get(&repo, &id)?;
+    let d = parse_digest(query_get(q, "digest").ok_or_else(|| {
+        ApiError::DigestInvalid("the digest query parameter is required".into())
+    })?)?;
+    let mut st = lock(app, &s).await?;
+    append(app, &s, &mut st, req).await?;
+    let w = match st.writer.take() {
+        Some(w) => w,
+        None => WriterTask::spawn(app.store().clone(), None)?,
+    };
+    close(app, &s, &mut st);
+    drop(st);
+    commit_and_link(app, &repo, w, d.clone()).await?;
+    Ok(created(&repo, &d))
+}
+
+pub async fn status(app: &Arc<App>, repo: RepoName, id: String) -> ApiResult<Resp> {
+    let s = app.uploads.get(&repo, &id)?;
+    let st = lock(app, &s).await?;
+    let mut hs = session_headers(&repo, &id, st.offset);
+    hs.push(("Content-Length", "0".into()));
+    Ok(respond(204, &hs, Bytes::new()))
+}
+
+pub async fn cancel(app: &Arc<App>, repo: RepoName, id: String) -> ApiResult<Resp> {
+    let s = app.uploads.get(&repo, &id)?;
+    let mut st = lock(app, &s).await?;
+    close(app, &s, &mut st);
+    Ok(respond(
+        204,
+        &[("Content-Length", "0".into())],
+        Bytes::new(),
+    ))
+}

@@ -1,0 +1,225 @@
+//! Running the server: open the store, bind, serve HTTP/1.1 connections
+//! (bounded in number, with a bound on the request head and its arrival
+//! time), expire idle upload sessions, and on SIGTERM or SIGINT stop
+//! accepting, drain requests in flight for a grace period, and close the
+//! store cleanly.
+
+use crate::app::{handle, App};
+use crate::config::ServerConfig;
+use crate::meta::REGISTRY_CFS;
+use crate::metrics::Metrics;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use orlop_engine::{KeySource, Store, StoreConfig};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+enum Either<A, B> {
+    Left(A),
+    Right(B),
+}
+
+/// Waits for whichever of two futures finishes first (the other is dropped).
+async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output> {
+    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(x) = a.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Either::Left(x));
+        }
+        if let std::task::Poll::Ready(y) = b.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Either::Right(y));
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// Largest request head (request line and headers) accepted.
+const REQUEST_HEAD_BYTES_MAX: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("store: {0}")]
+    Store(#[from] orlop_engine::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+/// The engine configuration the server opens its store with.
+pub fn store_config(cfg: &ServerConfig) -> StoreConfig {
+    let mut s = StoreConfig::new(&cfg.data);
+    if let Some(k) = &cfg.key_file {
+        s.key = KeySource::File(k.clone());
+    }
+    s.extra_column_families = REGISTRY_CFS.iter().map(|c| c.to_string()).collect();
+    s
+}
+
+/// Serves until SIGTERM or SIGINT. `on_ready` gets the bound address (the
+/// port is chosen by the OS when the configured one is 0).
+pub fn run(cfg: ServerConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+    run_until(cfg, on_ready, shutdown_signal())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            race(term.recv(), int.recv()).await;
+        }
+        _ => std::future::pending::<()>().await,
+    }
+    tracing::info!("shutdown requested");
+}
+
+/// Serves until `stop` completes.
+pub fn run_until<F: Future<Output = ()> + Send>(
+    cfg: ServerConfig,
+    on_ready: impl FnOnce(SocketAddr),
+    stop: F,
+) -> Result<(), ServeError> {
+    let metrics = Arc::new(Metrics::new());
+    let mut scfg = store_config(&cfg);
+    scfg.observer = Some(Arc::new(metrics.engine.clone()));
+    let store = Arc::new(Store::open(scfg)?);
+    tracing::info!(data = %cfg.data.display(), io = store.io_backend(), "store open");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("orlop-http")
+        .build()
+        .map_err(io_err("starting the runtime"))?;
+    let app = Arc::new(App::new(cfg.clone(), store.clone(), metrics));
+    let app2 = app.clone();
+    let served = rt.block_on(async move {
+        let listener = TcpListener::bind(cfg.addr)
+            .await
+            .map_err(io_err(format!("binding {}", cfg.addr)))?;
+        let addr = listener.local_addr().map_err(io_err("local address"))?;
+        tracing::info!(%addr, "listening");
+        on_ready(addr);
+        serve(app2, listener, stop).await;
+        Ok::<_, ServeError>(())
+    });
+    drop(app);
+    rt.shutdown_timeout(Duration::from_secs(5));
+    close_store(store);
+    served
+}
+
+/// Closes the store once the upload threads have let go of it.
+fn close_store(mut store: Arc<Store>) {
+    for _ in 0..500 {
+        match Arc::try_unwrap(store) {
+            Ok(s) => {
+                match s.close() {
+                    Ok(()) => tracing::info!("store closed cleanly"),
+                    Err(e) => tracing::error!(error = %e, "store did not close cleanly"),
+                }
+                return;
+            }
+            Err(s) => {
+                store = s;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    tracing::warn!("store still in use at exit; it closes when the last user drops it");
+}
+
+async fn serve<F: Future<Output = ()>>(app: Arc<App>, listener: TcpListener, stop: F) {
+    let cfg = app.cfg.clone();
+    let conns = Arc::new(tokio::sync::Semaphore::new(cfg.connections_max));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let expiry = tokio::spawn(expire_uploads(app.clone()));
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let permit = match race(conns.clone().acquire_owned(), stop.as_mut()).await {
+            Either::Left(Ok(p)) => p,
+            _ => break,
+        };
+        let accepted = match race(listener.accept(), stop.as_mut()).await {
+            Either::Left(r) => r,
+            Either::Right(()) => break,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let mut stop_conn = stop_rx.clone();
+        let head_timeout = Duration::from_secs(cfg.request_head_timeout_secs);
+        tasks.spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(handle(app, req).await) }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(head_timeout)
+                .max_buf_size(REQUEST_HEAD_BYTES_MAX);
+            let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), svc));
+            match race(conn.as_mut(), stop_conn.changed()).await {
+                Either::Left(Err(e)) => {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                Either::Left(Ok(())) => {}
+                Either::Right(_) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    drop(listener);
+    expiry.abort();
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_secs(cfg.shutdown_grace_secs);
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = tasks.len(),
+            "grace period over; cutting remaining connections"
+        );
+        tasks.abort_all();
+    }
+}
+
+async fn expire_uploads(app: Arc<App>) {
+    let idle = Duration::from_secs(app.cfg.upload_expiry_secs);
+    let every = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let n = app.uploads.expire(idle);
+        if n > 0 {
+            app.metrics.uploads_expired.inc_by(n as u64);
+            tracing::info!(sessions = n, "expired idle upload sessions");
+        }
+    }
+}
