@@ -1,6 +1,9 @@
 //! Shared pieces of Orlop's cross-crate tests: deterministic blob contents and
 //! the store configuration used by the crash test's writer and checker.
 
+pub mod oci;
+pub mod registry;
+
 use orlop_engine::{ChunkParams, IoBackend, KeySource, StoreConfig};
 use rand::{Rng, RngCore, SeedableRng};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,235 @@
+//! A real `orlop serve` process on a loopback port chosen by the OS, and a
+//! small HTTP/1.1 client (hyper) for talking to it.
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// A running registry.
+pub struct Registry {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+}
+
+impl Registry {
+    /// Starts `orlop serve --data DIR --addr 127.0.0.1:0` with extra
+    /// environment, and waits for its "listening" line.
+    pub fn start(data: &Path, env: &[(&str, &str)]) -> Registry {
+        let mut cmd = Command::new(crate::orlop_bin());
+        cmd.args(["serve", "--addr", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .env("ORLOP_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn orlop serve: {e}"));
+        let out = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let mut line = String::new();
+        BufReader::new(out)
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("reading orlop's stdout: {e}"));
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Registry {
+            child,
+            addr,
+            data: data.to_path_buf(),
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.addr)
+    }
+
+    /// `host:port`, as image references name it.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// SIGTERM, then waits; asserts a clean exit.
+    pub fn stop(mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap_or_else(|e| panic!("wait: {e}"));
+        assert!(status.success(), "orlop serve exited with {status}");
+    }
+
+    /// SIGKILL, then waits.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the server, then runs `orlop fsck --json` (engine verify plus
+    /// the registry's reference audit) and asserts the store is clean.
+    pub fn stop_and_fsck(self) {
+        let data = self.data.clone();
+        self.stop();
+        assert_fsck_clean(&data);
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn assert_fsck_clean(data: &Path) {
+    let out = Command::new(crate::orlop_bin())
+        .args(["fsck", "--json", "--data"])
+        .arg(data)
+        .output()
+        .unwrap_or_else(|e| panic!("orlop fsck: {e}"));
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("fsck output {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(report["clean"], Value::Bool(true), "fsck: {report:#}");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+/// A response, whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The first error code of a spec error body.
+    pub fn error_code(&self) -> String {
+        self.json()["errors"][0]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// A body sent in pieces with no declared length (chunked encoding).
+struct Pieces(VecDeque<Bytes>);
+
+impl Body for Pieces {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// One connection per request, on a private single-threaded runtime.
+pub struct Client {
+    addr: SocketAddr,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Client {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        Client { addr, rt }
+    }
+
+    pub fn req(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        self.send(
+            method,
+            path,
+            headers,
+            Full::new(Bytes::copy_from_slice(body)),
+        )
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        self.req("GET", path, &[], b"")
+    }
+
+    /// Sends the pieces with chunked transfer encoding (no Content-Length).
+    pub fn req_streamed(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        pieces: Vec<Vec<u8>>,
+    ) -> Resp {
+        let body = Pieces(pieces.into_iter().map(Bytes::from).collect());
+        self.send(method, path, headers, body)
+    }
+
+    fn send<B>(&self, method: &str, path: &str, headers: &[(&str, &str)], body: B) -> Resp
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.rt.block_on(async {
+            let stream = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .unwrap_or_else(|e| panic!("connect: {e}"));
+            let (mut tx, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap_or_else(|e| panic!("handshake: {e}"));
+            tokio::spawn(conn);
+            let mut rb = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", self.addr.to_string());
+            for (k, v) in headers {
+                rb = rb.header(*k, *v);
+            }
+            let req = rb.body(body).unwrap_or_else(|e| panic!("request: {e}"));
+            let resp = tokio::time::timeout(Duration::from_secs(120), tx.send_request(req))
+                .await
+                .unwrap_or_else(|_| panic!("{method} {path}: timed out"))
+                .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .unwrap_or_else(|e| panic!("{method} {path}: body: {e}"))
+                .to_bytes()
+                .to_vec();
+            Resp {
+                status,
+                headers,
+                body,
+            }
+        })
+    }
+}

@@ -1,0 +1,708 @@
+//! The Registry V2 API over real HTTP against a real `orlop serve` process.
+//! Every test ends by stopping the server and running `orlop fsck`, which
+//! verifies the engine and audits every blob reference count against the
+//! registry's rows.
+
+use orlop_tests::oci::*;
+use orlop_tests::registry::{Client, Registry};
+use serde_json::json;
+
+fn start() -> (tempfile::TempDir, Registry) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let r = Registry::start(&dir.path().join("data"), &[]);
+    (dir, r)
+}
+
+#[test]
+fn base_and_error_format() {
+    let (_dir, reg) = start();
+    let c = reg.client();
+    let r = c.get("/v2/");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("docker-distribution-api-version").as_deref(),
+        Some("registry/2.0")
+    );
+    let d = digest(b"nothing");
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("GET", "/v2/Bad/tags/list".into(), 400, "NAME_INVALID"),
+        ("GET", "/v2/a//b/tags/list".into(), 400, "NAME_INVALID"),
+        (
+            "GET",
+            "/v2/ok/blobs/sha256:1234".into(),
+            400,
+            "DIGEST_INVALID",
+        ),
+        ("GET", "/v2/ok/blobs/md5:abc".into(), 400, "DIGEST_INVALID"),
+        ("GET", format!("/v2/ok/blobs/{d}"), 404, "BLOB_UNKNOWN"),
+        ("HEAD", format!("/v2/ok/blobs/{d}"), 404, ""),
+        ("GET", "/v2/ok/manifests/latest".into(), 404, "NAME_UNKNOWN"),
+        (
+            "GET",
+            format!("/v2/ok/manifests/{d}"),
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
+        ("GET", "/v2/ok/manifests/-bad".into(), 400, "TAG_INVALID"),
+        ("GET", "/v2/ok/tags/list".into(), 404, "NAME_UNKNOWN"),
+        (
+            "GET",
+            "/v2/ok/blobs/uploads/nope".into(),
+            404,
+            "BLOB_UPLOAD_UNKNOWN",
+        ),
+        ("POST", "/v2/ok/manifests/latest".into(), 405, "UNSUPPORTED"),
+        ("GET", "/v2/ok/something".into(), 404, "UNSUPPORTED"),
+        (
+            "GET",
+            "/v2/_catalog?n=x".into(),
+            400,
+            "PAGINATION_NUMBER_INVALID",
+        ),
+    ];
+    for (m, path, status, code) in cases {
+        let r = c.req(m, &path, &[], b"");
+        assert_eq!(
+            r.status,
+            status,
+            "{m} {path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        if !code.is_empty() {
+            assert_eq!(r.error_code(), code, "{m} {path}");
+            assert_eq!(
+                r.header("content-type").as_deref(),
+                Some("application/json")
+            );
+        }
+    }
+    reg.stop_and_fsck();
+}
+
+#[test]
+fn blob_upload_forms_and_reads() {
+    let (_dir, reg) = start();
+    let c = reg.client();
+    let data = noise(1, 700_000);
+    let d = digest(&data);
+
+    // POST then PUT with the whole body (monolithic).
+    let r = c.req("POST", "/v2/app/blobs/uploads/", &[], b"");
+    assert_eq!(r.status, 202);
+    let loc = r.header("location").unwrap_or_default();
+    assert!(r.header("docker-upload-uuid").is_some());
+    assert_eq!(r.header("range").as_deref(), Some("0-0"));
+    let r = c.req("PUT", &format!("{loc}?digest={d}"), &[], &data);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("location"), Some(format!("/v2/app/blobs/{d}")));
+    assert_eq!(r.header("docker-content-digest"), Some(d.clone()));
+    // The session is gone once finished.
+    assert_eq!(c.get(&loc).status, 404);
+
+    // HEAD and GET, whole and ranged.
+    let r = c.req("HEAD", &format!("/v2/app/blobs/{d}"), &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some(data.len().to_string()));
+    assert_eq!(r.header("docker-content-digest"), Some(d.clone()));
+    assert!(r.body.is_empty());
+    assert!(c.get(&format!("/v2/app/blobs/{d}")).body == data);
+    let r = c.req(
+        "GET",
+        &format!("/v2/app/blobs/{d}"),
+        &[("range", "bytes=1000-1999")],
+        b"",
+    );
+    assert_eq!(r.status, 206);
+    assert!(r.body == data[1000..2000]);
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes 1000-1999/{}", data.len()))
+    );
+    let r = c.req(
+        "GET",
+        &format!("/v2/app/blobs/{d}"),
+        &[("range", "bytes=-10")],
+        b"",
+    );
+    assert!(r.status == 206 && r.body == data[data.len() - 10..]);
+    let r = c.req(
+        "GET",
+        &format!("/v2/app/blobs/{d}"),
+        &[("range", "bytes=700000-")],
+        b"",
+    );
+    assert_eq!(r.status, 416);
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes */{}", data.len()))
+    );
+
+    // Chunked PATCHes with Content-Range, one out of order, then PUT.
+    let data2 = noise(2, 300_000);
+    let d2 = digest(&data2);
+    let loc = c
+        .req("POST", "/v2/app/blobs/uploads/", &[], b"")
+        .header("location")
+        .unwrap_or_default();
+    let r = c.req(
+        "PATCH",
+        &loc,
+        &[("content-range", "0-99999")],
+        &data2[..100_000],
+    );
+    assert_eq!(r.status, 202);
+    assert_eq!(r.header("range").as_deref(), Some("0-99999"));
+    let r = c.req(
+        "PATCH",
+        &loc,
+        &[("content-range", "150000-199999")],
+        &data2[150_000..200_000],
+    );
+    assert_eq!(r.status, 416, "out of order");
+    assert_eq!(r.header("range").as_deref(), Some("0-99999"));
+    assert_eq!(r.header("location"), Some(loc.clone()));
+    let r = c.req(
+        "PATCH",
+        &loc,
+        &[("content-range", "100000-199999")],
+        &data2[100_000..200_000],
+    );
+    assert_eq!(r.status, 202);
+    let r = c.get(&loc);
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("range").as_deref(), Some("0-199999"));
+    // The last piece travels with the PUT.
+    let r = c.req(
+        "PUT",
+        &format!("{loc}?digest={d2}"),
+        &[("content-range", "200000-299999")],
+        &data2[200_000..],
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert!(c.get(&format!("/v2/app/blobs/{d2}")).body == data2);
+
+    // A streamed PATCH (chunked transfer encoding, no Content-Range), then
+    // an empty PUT, as docker pushes.
+    let data3 = noise(3, 1_500_000);
+    let d3 = digest(&data3);
+    let loc = c
+        .req("POST", "/v2/app/blobs/uploads/", &[], b"")
+        .header("location")
+        .unwrap_or_default();
+    let pieces = data3.chunks(65_536).map(<[u8]>::to_vec).collect();
+    let r = c.req_streamed("PATCH", &loc, &[], pieces);
+    assert_eq!(r.status, 202);
+    assert_eq!(r.header("range"), Some(format!("0-{}", data3.len() - 1)));
+    let r = c.req("PUT", &format!("{loc}?digest={d3}"), &[], b"");
+    assert_eq!(r.status, 201);
+    assert!(c.get(&format!("/v2/app/blobs/{d3}")).body == data3);
+
+    // A wrong digest stores nothing, and the session ends.
+    let bad = noise(4, 50_000);
+    let loc = c
+        .req("POST", "/v2/app/blobs/uploads/", &[], b"")
+        .header("location")
+        .unwrap_or_default();
+    let r = c.req(
+        "PUT",
+        &format!("{loc}?digest={}", digest(b"other")),
+        &[],
+        &bad,
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (400, "DIGEST_INVALID"));
+    assert_eq!(
+        c.req("HEAD", &format!("/v2/app/blobs/{}", digest(&bad)), &[], b"")
+            .status,
+        404
+    );
+    assert_eq!(c.get(&loc).status, 404);
+    let r = c.req(
+        "POST",
+        &format!("/v2/app/blobs/uploads/?digest={}", digest(b"x")),
+        &[],
+        b"y",
+    );
+    assert_eq!(r.error_code(), "DIGEST_INVALID");
+
+    // The empty blob, in a single request.
+    let de = push_blob(&c, "app", b"");
+    let r = c.get(&format!("/v2/app/blobs/{de}"));
+    assert!(r.status == 200 && r.body.is_empty());
+
+    // Cancel an upload.
+    let loc = c
+        .req("POST", "/v2/app/blobs/uploads/", &[], b"")
+        .header("location")
+        .unwrap_or_default();
+    c.req("PATCH", &loc, &[], b"some bytes");
+    assert_eq!(c.req("DELETE", &loc, &[], b"").status, 204);
+    assert_eq!(c.get(&loc).error_code(), "BLOB_UPLOAD_UNKNOWN");
+
+    // Mounts: from a repository holding the blob, from one that does not
+    // (falls back to an upload session), and without `from`.
+    let r = c.req(
+        "POST",
+        &format!("/v2/other/blobs/uploads/?mount={d}&from=app"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(r.header("location"), Some(format!("/v2/other/blobs/{d}")));
+    assert!(c.get(&format!("/v2/other/blobs/{d}")).body == data);
+    let r = c.req(
+        "POST",
+        &format!("/v2/third/blobs/uploads/?mount={d}&from=nowhere"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 202);
+    let r = c.req(
+        "POST",
+        &format!("/v2/third/blobs/uploads/?mount={d2}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 201);
+    // A blob is visible only in repositories that link it.
+    assert_eq!(c.get(&format!("/v2/fourth/blobs/{d}")).status, 404);
+
+    // Deleting a link: gone from that repository, kept in the others.
+    assert_eq!(
+        c.req("DELETE", &format!("/v2/other/blobs/{d}"), &[], b"")
+            .status,
+        202
+    );
+    assert_eq!(c.get(&format!("/v2/other/blobs/{d}")).status, 404);
+    assert_eq!(
+        c.req("DELETE", &format!("/v2/other/blobs/{d}"), &[], b"")
+            .status,
+        404
+    );
+    assert!(c.get(&format!("/v2/app/blobs/{d}")).body == data);
+    reg.stop_and_fsck();
+}
+
+#[test]
+fn manifests_tags_and_deletes() {
+    let (_dir, reg) = start();
+    let c = reg.client();
+    let shared = noise(10, 200_000);
+    let a = Image::with_layers("a", vec![shared.clone(), noise(11, 50_000)]);
+    let b = Image::with_layers("b", vec![shared.clone(), noise(12, 60_000)]);
+
+    // A manifest naming a blob the registry lacks is refused and stores nothing.
+    push_blob(&c, "app", &a.config);
+    let r = put_manifest(&c, "app", "v1", OCI_MANIFEST, &a.manifest);
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "MANIFEST_BLOB_UNKNOWN")
+    );
+    assert_eq!(
+        c.req(
+            "HEAD",
+            &format!("/v2/app/manifests/{}", a.digest()),
+            &[],
+            b""
+        )
+        .status,
+        404
+    );
+    // Malformed manifests, each refused with MANIFEST_INVALID.
+    for (body, ct) in [
+        (b"{not json".to_vec(), OCI_MANIFEST),
+        (b"{\"schemaVersion\":2}".to_vec(), "application/x-unknown"),
+        (a.manifest.clone(), OCI_INDEX),
+    ] {
+        let r = put_manifest(&c, "app", "v1", ct, &body);
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (400, "MANIFEST_INVALID")
+        );
+    }
+    // A digest reference that does not match the body.
+    let r = put_manifest(&c, "app", &b.digest(), OCI_MANIFEST, &a.manifest);
+    assert_eq!(r.error_code(), "DIGEST_INVALID");
+
+    push_image(&c, "app", "v1", &a);
+    push_image(&c, "app", "v2", &b);
+    assert_pulls(&c, "app", "v1", &a);
+    assert_pulls(&c, "app", "v2", &b);
+    let r = c.req(
+        "HEAD",
+        &format!("/v2/app/manifests/{}", a.digest()),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type").as_deref(), Some(OCI_MANIFEST));
+    assert_eq!(
+        r.header("content-length"),
+        Some(a.manifest.len().to_string())
+    );
+    // Pushing by digest, re-pushing, and re-tagging are all fine.
+    assert_eq!(
+        put_manifest(&c, "app", &a.digest(), OCI_MANIFEST, &a.manifest).status,
+        201
+    );
+    push_image(&c, "app", "v1", &a);
+    push_image(&c, "app", "latest", &b);
+    push_image(&c, "app", "latest", &a);
+
+    // Tags, paginated.
+    for t in ["t1", "t2", "t3"] {
+        assert_eq!(
+            put_manifest(&c, "app", t, OCI_MANIFEST, &b.manifest).status,
+            201
+        );
+    }
+    let all = c.get("/v2/app/tags/list").json();
+    assert_eq!(
+        all,
+        json!({"name": "app", "tags": ["latest", "t1", "t2", "t3", "v1", "v2"]})
+    );
+    let r = c.get("/v2/app/tags/list?n=2");
+    assert_eq!(r.json()["tags"], json!(["latest", "t1"]));
+    assert_eq!(
+        r.header("link").as_deref(),
+        Some("</v2/app/tags/list?n=2&last=t1>; rel=\"next\"")
+    );
+    let r = c.get("/v2/app/tags/list?n=2&last=t1");
+    assert_eq!(r.json()["tags"], json!(["t2", "t3"]));
+    let r = c.get("/v2/app/tags/list?n=10&last=v1");
+    assert_eq!(r.json()["tags"], json!(["v2"]));
+    assert!(r.header("link").is_none());
+
+    // Catalog, paginated.
+    push_blob(&c, "zeta/one", b"z");
+    let r = c.get("/v2/_catalog?n=1");
+    assert_eq!(r.json(), json!({"repositories": ["app"]}));
+    assert!(r.header("link").is_some());
+    assert_eq!(
+        c.get("/v2/_catalog?last=app").json(),
+        json!({"repositories": ["zeta/one"]})
+    );
+
+    // Delete by tag: only the tag goes.
+    assert_eq!(
+        c.req("DELETE", "/v2/app/manifests/t1", &[], b"").status,
+        202
+    );
+    assert_eq!(
+        c.req("DELETE", "/v2/app/manifests/t1", &[], b"")
+            .error_code(),
+        "MANIFEST_UNKNOWN"
+    );
+    assert_pulls(&c, "app", "t2", &b);
+    // Delete by digest: the manifest and every tag on it.
+    let r = c.req(
+        "DELETE",
+        &format!("/v2/app/manifests/{}", b.digest()),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 202);
+    assert_eq!(
+        c.get("/v2/app/tags/list").json()["tags"],
+        json!(["latest", "v1"])
+    );
+    assert_eq!(
+        c.get(&format!("/v2/app/manifests/{}", b.digest())).status,
+        404
+    );
+    assert_pulls(&c, "app", "v1", &a);
+    reg.stop_and_fsck();
+}
+
+#[test]
+fn indexes_referrers_and_negotiation() {
+    let (_dir, reg) = start();
+    let c = reg.client();
+    let amd = Image::with_layers("amd64", vec![noise(20, 30_000)]);
+    let arm = Image::with_layers("arm64", vec![noise(21, 30_000)]);
+    push_image(&c, "multi", "amd", &amd);
+    push_image(&c, "multi", "arm", &arm);
+    let mut amd_desc = descriptor(OCI_MANIFEST, &amd.manifest);
+    amd_desc["platform"] = json!({"os": "linux", "architecture": "amd64"});
+    let mut arm_desc = descriptor(OCI_MANIFEST, &arm.manifest);
+    arm_desc["platform"] = json!({"os": "linux", "architecture": "arm64"});
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [arm_desc, amd_desc]
+    }))
+    .unwrap_or_default();
+    // An index naming a manifest the repository lacks is refused.
+    let stranger = Image::with_layers("x", vec![]);
+    let bad = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [descriptor(OCI_MANIFEST, &stranger.manifest)]}))
+    .unwrap_or_default();
+    assert_eq!(
+        put_manifest(&c, "multi", "bad", OCI_INDEX, &bad).error_code(),
+        "MANIFEST_BLOB_UNKNOWN"
+    );
+    assert_eq!(
+        put_manifest(&c, "multi", "latest", OCI_INDEX, &index).status,
+        201
+    );
+
+    // Negotiation: an index when accepted, else the linux/amd64 image.
+    let r = c.req(
+        "GET",
+        "/v2/multi/manifests/latest",
+        &[("accept", OCI_INDEX), ("accept", OCI_MANIFEST)],
+        b"",
+    );
+    assert_eq!(r.body, index);
+    assert_eq!(r.header("content-type").as_deref(), Some(OCI_INDEX));
+    let r = c.req(
+        "GET",
+        "/v2/multi/manifests/latest",
+        &[("accept", OCI_MANIFEST)],
+        b"",
+    );
+    assert_eq!(r.body, amd.manifest);
+    assert_eq!(r.header("docker-content-digest"), Some(amd.digest()));
+
+    // A child of an index cannot be deleted before the index.
+    let r = c.req(
+        "DELETE",
+        &format!("/v2/multi/manifests/{}", arm.digest()),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 409);
+
+    // Referrers: an SBOM and a signature pointing at the amd64 image.
+    let empty = b"{}".to_vec();
+    push_blob(&c, "multi", &empty);
+    let referrer = |artifact: &str, payload: &[u8]| {
+        push_blob(&c, "multi", payload);
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact,
+            "config": descriptor("application/vnd.oci.empty.v1+json", &empty),
+            "layers": [descriptor("application/octet-stream", payload)],
+            "subject": descriptor(OCI_MANIFEST, &amd.manifest),
+            "annotations": {"kind": artifact},
+        }))
+        .unwrap_or_default()
+    };
+    let sbom = referrer("application/spdx+json", b"sbom");
+    let sig = referrer("application/vnd.dev.cosign.simplesigning.v1+json", b"sig");
+    for m in [&sbom, &sig] {
+        let r = put_manifest(&c, "multi", &digest(m), OCI_MANIFEST, m);
+        assert_eq!(r.status, 201);
+        assert_eq!(r.header("oci-subject"), Some(amd.digest()));
+    }
+    let r = c.get(&format!("/v2/multi/referrers/{}", amd.digest()));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type").as_deref(), Some(OCI_INDEX));
+    let list = r.json();
+    assert_eq!(list["manifests"].as_array().map(Vec::len), Some(2));
+    assert!(r.header("oci-filters-applied").is_none());
+    let r = c.get(&format!(
+        "/v2/multi/referrers/{}?artifactType=application/spdx%2Bjson",
+        amd.digest()
+    ));
+    assert_eq!(
+        r.header("oci-filters-applied").as_deref(),
+        Some("artifactType")
+    );
+    let m = &r.json()["manifests"];
+    assert_eq!(m.as_array().map(Vec::len), Some(1));
+    assert_eq!(m[0]["digest"], json!(digest(&sbom)));
+    assert_eq!(m[0]["artifactType"], json!("application/spdx+json"));
+    assert_eq!(m[0]["annotations"]["kind"], json!("application/spdx+json"));
+    assert_eq!(m[0]["size"], json!(sbom.len()));
+    // No referrers: an empty index, not an error.
+    let r = c.get(&format!("/v2/multi/referrers/{}", arm.digest()));
+    assert_eq!(r.json()["manifests"], json!([]));
+    // Deleting a referrer removes it from the list.
+    c.req(
+        "DELETE",
+        &format!("/v2/multi/manifests/{}", digest(&sig)),
+        &[],
+        b"",
+    );
+    let r = c.get(&format!("/v2/multi/referrers/{}", amd.digest()));
+    assert_eq!(r.json()["manifests"].as_array().map(Vec::len), Some(1));
+
+    // Deleting the index frees its children for deletion.
+    c.req(
+        "DELETE",
+        &format!("/v2/multi/manifests/{}", digest(&index)),
+        &[],
+        b"",
+    );
+    let r = c.req(
+        "DELETE",
+        &format!("/v2/multi/manifests/{}", arm.digest()),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 202);
+    reg.stop_and_fsck();
+}
+
+#[test]
+fn manifest_size_limit_and_docker_types() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let reg = Registry::start(
+        &dir.path().join("data"),
+        &[("ORLOP_MANIFEST_BYTES_MAX", "2000")],
+    );
+    let c = reg.client();
+    let big = vec![b' '; 3000];
+    let r = put_manifest(&c, "app", "big", OCI_MANIFEST, &big);
+    assert_eq!(r.status, 413);
+
+    // Docker v2 schema 2 with its own media types.
+    let layer = noise(30, 1000);
+    let config = b"{\"architecture\":\"amd64\",\"os\":\"linux\"}".to_vec();
+    push_blob(&c, "app", &layer);
+    push_blob(&c, "app", &config);
+    let v2s2 = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": descriptor("application/vnd.docker.container.image.v1+json", &config),
+        "layers": [descriptor("application/vnd.docker.image.rootfs.diff.tar.gzip", &layer)],
+    }))
+    .unwrap_or_default();
+    let r = put_manifest(
+        &c,
+        "app",
+        "docker",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        &v2s2,
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = c.get("/v2/app/manifests/docker");
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/vnd.docker.distribution.manifest.v2+json")
+    );
+    // A descriptor whose size disagrees with the stored blob.
+    let wrong = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": digest(&config), "size": 5},
+        "layers": [],
+    }))
+    .unwrap_or_default();
+    assert_eq!(
+        put_manifest(&c, "app", "wrong", OCI_MANIFEST, &wrong).error_code(),
+        "MANIFEST_INVALID"
+    );
+    // Docker schema 1, kept byte for byte.
+    let s1 = serde_json::to_vec_pretty(&json!({
+        "schemaVersion": 1, "name": "app", "tag": "old", "architecture": "amd64",
+        "fsLayers": [{"blobSum": digest(&layer)}],
+        "history": [{"v1Compatibility": "{}"}],
+        "signatures": [{"header": {"alg": "ES256"}, "signature": "x", "protected": "y"}],
+    }))
+    .unwrap_or_default();
+    let t = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+    assert_eq!(put_manifest(&c, "app", "old", t, &s1).status, 201);
+    assert_eq!(c.get("/v2/app/manifests/old").body, s1);
+    reg.stop_and_fsck();
+}
+
+#[test]
+fn restart_and_kill_keep_acknowledged_pushes() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let data = dir.path().join("data");
+    let img = Image::with_layers("k", vec![noise(40, 400_000), noise(41, 10)]);
+    let reg = Registry::start(&data, &[]);
+    push_image(&reg.client(), "durable", "v1", &img);
+    reg.kill();
+    let reg = Registry::start(&data, &[]);
+    assert_pulls(&reg.client(), "durable", "v1", &img);
+    reg.stop();
+    let reg = Registry::start(&data, &[]);
+    assert_pulls(&reg.client(), "durable", "v1", &img);
+    reg.stop_and_fsck();
+}
+
+#[test]
+fn idle_upload_sessions_expire() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let reg = Registry::start(
+        &dir.path().join("data"),
+        &[("ORLOP_UPLOAD_EXPIRY_SECS", "1")],
+    );
+    let c = reg.client();
+    let loc = c
+        .req("POST", "/v2/app/blobs/uploads/", &[], b"")
+        .header("location")
+        .unwrap_or_default();
+    assert_eq!(c.req("PATCH", &loc, &[], &noise(50, 100_000)).status, 202);
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let r = c.req("PATCH", &loc, &[], b"more");
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (404, "BLOB_UPLOAD_UNKNOWN")
+    );
+    let m = String::from_utf8_lossy(&c.get("/metrics").body).into_owned();
+    let expired = m
+        .lines()
+        .find(|l| l.starts_with("orlop_upload_sessions_expired_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(expired.is_some_and(|n| n >= 1.0), "{m}");
+    reg.stop_and_fsck();
+}
+
+#[test]
+fn metrics_count_requests_and_engine_commits() {
+    let (_dir, reg) = start();
+    let c = reg.client();
+    push_blob(&c, "m", &noise(60, 1000));
+    assert_eq!(c.get("/v2/m/tags/list").status, 200);
+    assert_eq!(c.get("/v2/absent/tags/list").status, 404);
+    let r = c.get("/metrics");
+    assert_eq!(r.status, 200);
+    let m = String::from_utf8_lossy(&r.body).into_owned();
+    for needle in [
+        "orlop_http_requests_total{route=\"upload\",method=\"POST\",status=\"201\"} 1",
+        "orlop_http_requests_total{route=\"tags\",method=\"GET\",status=\"404\"} 1",
+        "orlop_http_request_duration_seconds_bucket",
+        "orlop_http_received_bytes_total 1000",
+        "orlop_engine_segment_fsync_duration_seconds_count",
+        "orlop_engine_index_write_duration_seconds_count",
+        "orlop_blob_commit_duration_seconds_count 1",
+        "orlop_upload_sessions 0",
+    ] {
+        assert!(m.contains(needle), "missing {needle:?} in\n{m}");
+    }
+    reg.stop();
+}
+
+#[test]
+fn concurrent_pushes_and_deletes_keep_counts_exact() {
+    let (_dir, reg) = start();
+    let addr = reg.addr;
+    let shared: Vec<Vec<u8>> = (0..3).map(|i| noise(100 + i, 40_000)).collect();
+    std::thread::scope(|s| {
+        for t in 0..6u64 {
+            let shared = shared.clone();
+            s.spawn(move || {
+                let c = Client::new(addr);
+                let repo = format!("r{}", t % 3);
+                for i in 0..6u64 {
+                    let layers = vec![
+                        shared[(t + i) as usize % 3].clone(),
+                        noise(1000 * t + i, 5000),
+                    ];
+                    let img = Image::with_layers(&format!("{t}-{i}"), layers);
+                    push_image(&c, &repo, &format!("t{}", i % 3), &img);
+                    if i % 2 == 1 {
+                        let r = c.req(
+                            "DELETE",
+                            &format!("/v2/{repo}/manifests/{}", img.digest()),
+                            &[],
+                            b"",
+                        );
+                        assert_eq!(r.status, 202);
+                    }
+                }
+            });
+        }
+    });
+    reg.stop_and_fsck();
+}
