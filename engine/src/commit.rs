@@ -6,9 +6,11 @@
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, Digest, RecipeId};
 use crate::index::codec::{
-    recipe_prefix, staged_key, BlobEntry, ChunkEntry, Location, RecipePart, SegmentEntry,
+    recipe_prefix, staged_key, BlobEntry, ChunkEntry, HeldEntry, Location, RecipePart, SegmentEntry,
 };
-use crate::index::{Index, CF_BLOBS, CF_CHUNKS, CF_PENDING, CF_RECIPES, CF_SEGMENTS, CF_STAGED};
+use crate::index::{
+    Index, CF_BLOBS, CF_CHUNKS, CF_HELD, CF_PENDING, CF_RECIPES, CF_SEGMENTS, CF_STAGED,
+};
 use crate::store::Inner;
 use crate::txn::{apply_delta, Txn};
 use crossbeam_channel::{Receiver, Sender};
@@ -34,6 +36,12 @@ pub(crate) enum Request {
         digest: Digest,
         add: bool,
         reply: Sender<Result<u64>>,
+    },
+    /// Makes a checkpointed write durable and keeps it across restarts.
+    Hold {
+        recipe: RecipeId,
+        held: HeldEntry,
+        reply: Sender<Result<()>>,
     },
     /// An atomic change from a layer above (see [`crate::Txn`]).
     Txn {
@@ -114,6 +122,7 @@ pub(crate) fn delete_staging(
     }
     batch.delete_range_cf(index.cf(CF_STAGED)?, from, to);
     batch.delete_cf(index.cf(CF_PENDING)?, from);
+    batch.delete_cf(index.cf(CF_HELD)?, from);
     Ok(())
 }
 
@@ -123,7 +132,9 @@ fn process(inner: &Inner, group: Vec<Request>) {
     if let Some(o) = observer {
         o.group_committed(group.len());
     }
-    let needs_sync = group.iter().any(|r| matches!(r, Request::Commit { .. }));
+    let needs_sync = group
+        .iter()
+        .any(|r| matches!(r, Request::Commit { .. } | Request::Hold { .. }));
     let durable = if needs_sync {
         let t = std::time::Instant::now();
         let d = inner.segments.sync_active();
@@ -173,6 +184,14 @@ fn process(inner: &Inner, group: Vec<Request>) {
             }
             Request::Ref { digest, add, reply } => {
                 let r = adjust_ref(index, &mut ov, &digest, add);
+                replies.push(deferred(reply, r));
+            }
+            Request::Hold {
+                recipe,
+                held,
+                reply,
+            } => {
+                let r = hold(index, &ov, &mut batch, recipe, &held);
                 replies.push(deferred(reply, r));
             }
             Request::Txn { txn, reply } => {
@@ -229,9 +248,9 @@ fn fail_all(group: Vec<Request>, e: &Error) {
     for req in group {
         match req {
             Request::Commit { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
-            Request::Abort { reply, .. } | Request::Txn { reply, .. } => {
-                drop(reply.send(Err(Error::Poisoned)))
-            }
+            Request::Abort { reply, .. }
+            | Request::Txn { reply, .. }
+            | Request::Hold { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
             Request::Ref { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
             Request::Shutdown => {}
         }
@@ -344,6 +363,25 @@ fn commit_blob(
     ov.blobs.insert(digest.clone(), entry);
     delete_staging(batch, index, recipe, true)?;
     Ok(entry)
+}
+
+/// Records a checkpoint of a write that is still pending. The group's
+/// segment fsync has already made its chunks durable, and this synced batch
+/// makes its recipe parts and staged placements (written unsynced before)
+/// durable with it.
+fn hold(
+    index: &Index,
+    ov: &Overlay,
+    batch: &mut WriteBatch,
+    recipe: RecipeId,
+    held: &HeldEntry,
+) -> Result<()> {
+    let key = recipe_prefix(recipe);
+    if ov.finished_recipes.contains(&recipe) || index.get(CF_PENDING, &key)?.is_none() {
+        return Err(Error::HeldWriteUnknown(recipe.0));
+    }
+    batch.put_cf(index.cf(CF_HELD)?, key, held.encode());
+    Ok(())
 }
 
 fn adjust_ref(index: &Index, ov: &mut Overlay, digest: &Digest, add: bool) -> Result<u64> {

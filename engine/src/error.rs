@@ -62,6 +62,8 @@ pub enum Error {
     ShuttingDown,
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("no held write {0}")]
+    HeldWriteUnknown(u64),
     #[error("transaction precondition failed on {cf}/{key}")]
     Conflict { cf: String, key: String },
     #[error("unknown column family {0:?}")]

@@ -25,13 +25,13 @@ impl DigestAlgorithm {
             DigestAlgorithm::Sha512 => 64,
         }
     }
-    fn tag(self) -> u8 {
+    pub(crate) fn tag(self) -> u8 {
         match self {
             DigestAlgorithm::Sha256 => 1,
             DigestAlgorithm::Sha512 => 2,
         }
     }
-    fn from_tag(tag: u8) -> Option<Self> {
+    pub(crate) fn from_tag(tag: u8) -> Option<Self> {
         match tag {
             1 => Some(DigestAlgorithm::Sha256),
             2 => Some(DigestAlgorithm::Sha512),

@@ -29,7 +29,7 @@ pub use ids::{ChunkId, Digest, DigestAlgorithm, RecipeId, SegmentId};
 pub use keys::{MasterKey, KEY_ENV_VAR};
 pub use read::BlobReader;
 pub use stats::{SegmentStats, StoreStats};
-pub use store::{BlobInfo, Store};
+pub use store::{BlobInfo, HeldWrite, Store};
 pub use txn::Txn;
 pub use verify::{Problem, Progress, VerifyReport};
 pub use write::BlobWriter;

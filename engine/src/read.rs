@@ -73,6 +73,36 @@ pub(crate) fn fetch_chunk(inner: &Inner, e: &RecipeEntry) -> Result<Bytes> {
     load_chunk(inner, &e.chunk, &entry)
 }
 
+/// Loads a chunk of an uncommitted (held) write: from the index if it is
+/// stored, else from the write's own staged placement.
+pub(crate) fn fetch_staged_or_stored(
+    inner: &Inner,
+    recipe: crate::ids::RecipeId,
+    e: &RecipeEntry,
+) -> Result<Bytes> {
+    if inner.index.chunk(&e.chunk)?.is_some() {
+        return fetch_chunk(inner, e);
+    }
+    let staged = inner
+        .index
+        .get(
+            crate::index::CF_STAGED,
+            &crate::index::codec::staged_key(recipe, &e.chunk),
+        )?
+        .ok_or_else(|| Error::CorruptIndex {
+            cf: "staged",
+            reason: format!("held write {} lacks chunk {}", recipe.0, e.chunk),
+        })?;
+    let loc = crate::index::codec::Location::decode(&staged, crate::index::CF_STAGED)?;
+    if loc.raw_len != e.raw_len {
+        return Err(Error::CorruptIndex {
+            cf: "staged",
+            reason: format!("chunk {} length differs from its recipe", e.chunk),
+        });
+    }
+    load_chunk(inner, &e.chunk, &ChunkEntry { loc, refs: 0 })
+}
+
 /// Iterates a blob's recipe parts in order.
 pub(crate) fn recipe_parts<'a>(
     inner: &'a Inner,

@@ -25,6 +25,17 @@ const RECIPE_ID_BLOCK: u64 = 4096;
 /// At most this many uncommitted chunk placements are shared between writers.
 pub(crate) const INFLIGHT_CHUNKS_MAX: usize = 1 << 16;
 
+/// A checkpointed write kept across restarts (see [`BlobWriter::checkpoint`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldWrite {
+    pub recipe: RecipeId,
+    /// Bytes held.
+    pub size: u64,
+    pub updated_unix_ms: u64,
+    /// The name the writer gave it.
+    pub tag: Vec<u8>,
+}
+
 /// What the store knows about a committed blob.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlobInfo {
@@ -253,6 +264,34 @@ impl Store {
             add: false,
             reply,
         })
+    }
+
+    /// Every held write (a checkpointed write kept across restarts).
+    pub fn held_writes(&self) -> Result<Vec<HeldWrite>> {
+        Ok(self
+            .inner
+            .index
+            .held()?
+            .into_iter()
+            .map(|(recipe, h)| HeldWrite {
+                recipe,
+                size: h.size,
+                updated_unix_ms: h.updated_unix_ms,
+                tag: h.tag,
+            })
+            .collect())
+    }
+
+    /// Continues a held write (after a restart): its bytes are re-read and
+    /// verified to rebuild the digest state. Resume each at most once at a time.
+    pub fn resume_writer(&self, recipe: RecipeId) -> Result<BlobWriter> {
+        BlobWriter::resume(self.inner.clone(), recipe)
+    }
+
+    /// Discards a held write; its data becomes reclaimable.
+    pub fn abort_held(&self, recipe: RecipeId) -> Result<()> {
+        self.inner.segments.check_writable()?;
+        self.inner.request(|reply| Request::Abort { recipe, reply })
     }
 
     /// Reads a key from a column family registered in `extra_column_families`.
@@ -534,16 +573,22 @@ fn recover_segments(index: &Index, segs: &Segments, store_id: [u8; 16]) -> Resul
     Ok(())
 }
 
-/// Deletes the recipes and staged placements of writes that never committed.
+/// Deletes the recipes and staged placements of writes that never committed,
+/// except held ones (checkpointed resumable writes).
 fn drop_pending(index: &Index) -> Result<()> {
     let mut batch = WriteBatch::default();
     let mut n = 0;
+    let held: std::collections::HashSet<RecipeId> =
+        index.held()?.into_iter().map(|(r, _)| r).collect();
     for kv in index.scan(CF_PENDING)? {
         let (k, _) = kv?;
         let Some(r) = codec::u64_be(&k) else {
             batch.delete_cf(index.cf(CF_PENDING)?, &k);
             continue;
         };
+        if held.contains(&RecipeId(r)) {
+            continue;
+        }
         commit::delete_staging(&mut batch, index, RecipeId(r), false)?;
         n += 1;
     }

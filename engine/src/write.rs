@@ -3,6 +3,9 @@
 //! compresses, encrypts and appends them, spilling the recipe to the index in
 //! parts. Memory is bounded by the pipeline depth, the chunker window and one
 //! recipe part, whatever the blob's size.
+//!
+//! A write can be *checkpointed* (everything so far made durable and kept
+//! across restarts as a held write) and, after a restart, *resumed*.
 
 use crate::chunker::Chunker;
 use crate::commit::Request;
@@ -10,7 +13,8 @@ use crate::compress::{looks_compressible, Compressor};
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, Digest, DigestAlgorithm, RecipeId};
 use crate::index::codec::{
-    recipe_key, recipe_prefix, staged_key, RecipeEntry, RecipePart, RECIPE_PART_ENTRIES,
+    recipe_key, recipe_prefix, staged_key, HeldEntry, RecipeEntry, RecipePart, HELD_TAG_BYTES_MAX,
+    RECIPE_PART_ENTRIES,
 };
 use crate::index::{CF_PENDING, CF_RECIPES, CF_STAGED};
 use crate::segment::format::{FLAG_ZSTD, RECORD_HEADER_BYTES};
@@ -62,17 +66,45 @@ impl Hasher {
 struct WorkerSummary {
     chunks: u64,
     bytes: u64,
+    /// Recipe parts written so far.
+    parts: u32,
+}
+
+/// What flows from the caller into the cutting stage.
+enum Input {
+    Piece(Bytes),
+    /// Cut what is buffered (a forced boundary), drain the pipeline, and
+    /// report the counters once every chunk so far is appended and staged.
+    Flush(Sender<Result<WorkerSummary>>),
+    /// Stop at once, dropping what is buffered (the write is being detached).
+    Stop,
+}
+
+/// What flows from the cutting stage into the appending stage.
+enum AppendMsg {
+    Chunk(PreparedChunk),
+    /// Replies once every earlier chunk is appended and its placement staged.
+    Barrier(Sender<Result<()>>),
+}
+
+/// Where a writer's pipeline starts: a new write, or a resumed held one.
+#[derive(Clone, Copy, Default)]
+struct Start {
+    size: u64,
+    chunks: u64,
+    parts: u32,
 }
 
 /// A blob being written. Call [`BlobWriter::commit`] to make it durable and
-/// visible; dropping it (or [`BlobWriter::abort`]) discards it.
+/// visible; dropping it (or [`BlobWriter::abort`]) discards it, unless it was
+/// checkpointed and then [detached](BlobWriter::detach).
 pub struct BlobWriter {
     inner: Arc<Inner>,
     recipe: RecipeId,
     hasher: Option<Hasher>,
     expected: Option<Digest>,
     size: u64,
-    tx: Option<Sender<Bytes>>,
+    tx: Option<Sender<Input>>,
     worker: Option<JoinHandle<Result<WorkerSummary>>>,
     finished: bool,
 }
@@ -92,23 +124,90 @@ impl BlobWriter {
             .as_ref()
             .map(|d| d.algorithm())
             .unwrap_or(DigestAlgorithm::Sha256);
-        let hasher = Hasher::new(alg);
+        Self::start(inner, recipe, Hasher::new(alg), expected, Start::default())
+    }
+
+    fn start(
+        inner: Arc<Inner>,
+        recipe: RecipeId,
+        hasher: Hasher,
+        expected: Option<Digest>,
+        from: Start,
+    ) -> Result<Self> {
         let (tx, rx) = crossbeam_channel::bounded(inner.cfg.write_pipeline_pieces_max);
         let i2 = inner.clone();
         let worker = std::thread::Builder::new()
             .name("orlop-chunker".into())
-            .spawn(move || chunk_worker(i2, recipe, rx))
+            .spawn(move || chunk_worker(i2, recipe, rx, from))
             .map_err(|e| Error::io("chunker thread", e))?;
         Ok(BlobWriter {
             inner,
             recipe,
             hasher: Some(hasher),
             expected,
-            size: 0,
+            size: from.size,
             tx: Some(tx),
             worker: Some(worker),
             finished: false,
         })
+    }
+
+    /// Continues a held write after a restart: re-reads (and verifies) the
+    /// bytes it holds to rebuild the digest state, then accepts more pieces.
+    /// Resume a held write at most once at a time.
+    pub(crate) fn resume(inner: Arc<Inner>, recipe: RecipeId) -> Result<Self> {
+        inner.segments.check_writable()?;
+        let held = inner
+            .index
+            .held()?
+            .into_iter()
+            .find(|(r, _)| *r == recipe)
+            .map(|(_, h)| h)
+            .ok_or(Error::HeldWriteUnknown(recipe.0))?;
+        // Parts written after the checkpoint (a crash or a detach cut them
+        // off) are not part of the held state.
+        let mut b = WriteBatch::default();
+        let from = recipe_key(recipe, held.parts);
+        let to = recipe_key(RecipeId(recipe.0.saturating_add(1)), 0);
+        b.delete_range_cf(inner.index.cf(CF_RECIPES)?, from, to);
+        inner.index.write_unsynced(b)?;
+        let mut hasher = Hasher::new(held.algorithm);
+        let (mut size, mut chunks) = (0u64, 0u64);
+        for part_no in 0..held.parts {
+            let v = inner
+                .index
+                .get(CF_RECIPES, &recipe_key(recipe, part_no))?
+                .ok_or_else(|| Error::CorruptIndex {
+                    cf: CF_RECIPES,
+                    reason: format!("held write {} lacks recipe part {part_no}", recipe.0),
+                })?;
+            for e in RecipePart::decode(&v)?.entries {
+                let data = crate::read::fetch_staged_or_stored(&inner, recipe, &e)?;
+                hasher.update(&data);
+                size += data.len() as u64;
+                chunks += 1;
+            }
+        }
+        if size != held.size || chunks != held.chunk_count {
+            return Err(Error::CorruptIndex {
+                cf: CF_RECIPES,
+                reason: format!(
+                    "held write {} holds {size} bytes in {chunks} chunks, its entry says {} in {}",
+                    recipe.0, held.size, held.chunk_count
+                ),
+            });
+        }
+        let from = Start {
+            size,
+            chunks,
+            parts: held.parts,
+        };
+        Self::start(inner, recipe, hasher, None, from)
+    }
+
+    /// The write's recipe id (names a held write).
+    pub fn recipe(&self) -> RecipeId {
+        self.recipe
     }
 
     /// Names the digest the content must have when it was not known at the
@@ -134,6 +233,20 @@ impl BlobWriter {
         self.size
     }
 
+    fn send(&mut self, msg: Input) -> Result<()> {
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send(msg).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            // The worker stopped early: report its error.
+            self.tx = None;
+            return Err(self.join_worker().err().unwrap_or(Error::ShuttingDown));
+        }
+        Ok(())
+    }
+
     /// Appends a piece. Blocks when the pipeline is full (backpressure).
     pub fn write(&mut self, piece: Bytes) -> Result<()> {
         if piece.is_empty() {
@@ -143,17 +256,61 @@ impl BlobWriter {
             h.update(&piece);
         }
         self.size += piece.len() as u64;
-        let sent = self
-            .tx
-            .as_ref()
-            .map(|tx| tx.send(piece).is_ok())
-            .unwrap_or(false);
-        if !sent {
-            // The worker stopped early: report its error.
-            self.tx = None;
-            return Err(self.join_worker().err().unwrap_or(Error::ShuttingDown));
+        self.send(Input::Piece(piece))
+    }
+
+    /// Makes every byte written so far durable and keeps the write across
+    /// restarts as a *held* write named by `tag` (see [`crate::Store::held_writes`]).
+    /// The chunk boundary at this point is forced, not content-defined.
+    /// Returns the bytes held.
+    pub fn checkpoint(&mut self, tag: &[u8]) -> Result<u64> {
+        if tag.len() > HELD_TAG_BYTES_MAX {
+            return Err(Error::Config(format!(
+                "a held write's tag is at most {HELD_TAG_BYTES_MAX} bytes"
+            )));
         }
-        Ok(())
+        let (rtx, rrx) = crossbeam_channel::bounded(1);
+        self.send(Input::Flush(rtx))?;
+        let sum = match rrx.recv() {
+            Ok(r) => r?,
+            Err(_) => return Err(self.join_worker().err().unwrap_or(Error::ShuttingDown)),
+        };
+        if sum.bytes != self.size {
+            return Err(Error::SizeMismatch {
+                expected: self.size,
+                actual: sum.bytes,
+            });
+        }
+        let held = HeldEntry {
+            size: self.size,
+            chunk_count: sum.chunks,
+            parts: sum.parts,
+            algorithm: self
+                .hasher
+                .as_ref()
+                .map(Hasher::algorithm)
+                .unwrap_or(DigestAlgorithm::Sha256),
+            updated_unix_ms: now_unix_ms(),
+            tag: tag.to_vec(),
+        };
+        let recipe = self.recipe;
+        self.inner.request(|reply| Request::Hold {
+            recipe,
+            held,
+            reply,
+        })?;
+        Ok(self.size)
+    }
+
+    /// Stops the pipeline without discarding the write: what the last
+    /// [`checkpoint`](BlobWriter::checkpoint) held stays for a later
+    /// [`crate::Store::resume_writer`] (or an abort); bytes after it are dropped.
+    pub fn detach(mut self) {
+        self.finished = true;
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Input::Stop);
+        }
+        let _ = self.join_worker();
     }
 
     fn join_worker(&mut self) -> Result<WorkerSummary> {
@@ -165,7 +322,6 @@ impl BlobWriter {
             None => Err(Error::ShuttingDown),
         }
     }
-
     /// Finishes the blob: checks the digest, then commits it durably.
     pub fn commit(mut self) -> Result<BlobInfo> {
         self.finished = true;
@@ -286,26 +442,6 @@ const SENT_IDS_MAX: usize = 1 << 16;
 /// Staged placements written to the index per unsynced batch.
 const STAGED_BATCH_ENTRIES: usize = 256;
 
-/// The writer's pipeline after hashing: a cutting stage (FastCDC, BLAKE3,
-/// dedupe lookup, compression) and an appending stage (encryption, record
-/// checksum, pwrite), on two threads so that with the caller's SHA-256 the
-/// work spreads over three.
-fn chunk_worker(inner: Arc<Inner>, recipe: RecipeId, rx: Receiver<Bytes>) -> Result<WorkerSummary> {
-    let (atx, arx) = crossbeam_channel::bounded::<PreparedChunk>(APPEND_QUEUE_CHUNKS);
-    std::thread::scope(|scope| {
-        let appender = std::thread::Builder::new()
-            .name("orlop-append".into())
-            .spawn_scoped(scope, || append_stage(&inner, recipe, arx))
-            .map_err(|e| Error::io("append thread", e))?;
-        let cut = cut_stage(&inner, recipe, rx, atx);
-        let appended = appender
-            .join()
-            .map_err(|_| Error::Config("append thread panicked".into()))?;
-        appended?;
-        cut
-    })
-}
-
 /// Chunks named and compressed together on the rayon pool.
 const CUT_BATCH_CHUNKS: usize = 16;
 
@@ -336,34 +472,134 @@ fn compress_here(level: i32, chunk: &[u8]) -> Result<Option<Vec<u8>>> {
     })
 }
 
-fn cut_stage(
-    inner: &Inner,
+/// The writer's pipeline after hashing: a cutting stage (FastCDC, BLAKE3,
+/// dedupe lookup, compression) and an appending stage (encryption, record
+/// checksum, pwrite), on two threads so that with the caller's SHA-256 the
+/// work spreads over three.
+fn chunk_worker(
+    inner: Arc<Inner>,
     recipe: RecipeId,
-    rx: Receiver<Bytes>,
-    atx: Sender<PreparedChunk>,
+    rx: Receiver<Input>,
+    from: Start,
 ) -> Result<WorkerSummary> {
-    let mut chunker = Chunker::new(inner.cfg.chunk);
-    let mut spill = RecipeSpill {
-        recipe,
-        part_no: 0,
-        part: RecipePart::default(),
-        batch: WriteBatch::default(),
-    };
-    let mut sum = WorkerSummary::default();
-    let mut sent: HashSet<ChunkId> = HashSet::new();
-    let staged_cf = inner.index.cf(CF_STAGED)?;
-    let level = inner.cfg.zstd_level;
-    let mut batch: Vec<Bytes> = Vec::with_capacity(CUT_BATCH_CHUNKS);
-    let mut process = |batch: &mut Vec<Bytes>| -> Result<()> {
-        // Naming and the dedupe lookup run here; compression of the chunks
-        // that the probe finds compressible runs in parallel on the pool.
-        let mut named = Vec::with_capacity(batch.len());
-        for chunk in std::mem::take(batch) {
+    let (atx, arx) = crossbeam_channel::bounded::<AppendMsg>(APPEND_QUEUE_CHUNKS);
+    std::thread::scope(|scope| {
+        let appender = std::thread::Builder::new()
+            .name("orlop-append".into())
+            .spawn_scoped(scope, || append_stage(&inner, recipe, arx))
+            .map_err(|e| Error::io("append thread", e))?;
+        let cut = CutStage::new(&inner, recipe, atx, from).and_then(|stage| stage.run(rx));
+        let appended = appender
+            .join()
+            .map_err(|_| Error::Config("append thread panicked".into()))?;
+        appended?;
+        cut
+    })
+}
+
+/// The cutting stage's state.
+struct CutStage<'a> {
+    inner: &'a Inner,
+    recipe: RecipeId,
+    spill: RecipeSpill,
+    sum: WorkerSummary,
+    sent: HashSet<ChunkId>,
+    staged_cf: &'a rocksdb::ColumnFamily,
+    level: i32,
+    batch: Vec<Bytes>,
+    atx: Sender<AppendMsg>,
+}
+
+impl<'a> CutStage<'a> {
+    fn new(
+        inner: &'a Inner,
+        recipe: RecipeId,
+        atx: Sender<AppendMsg>,
+        from: Start,
+    ) -> Result<Self> {
+        Ok(CutStage {
+            inner,
+            recipe,
+            spill: RecipeSpill {
+                recipe,
+                part_no: from.parts,
+                part: RecipePart {
+                    start: from.size,
+                    entries: Vec::new(),
+                },
+                batch: WriteBatch::default(),
+            },
+            sum: WorkerSummary {
+                chunks: from.chunks,
+                bytes: from.size,
+                parts: from.parts,
+            },
+            sent: HashSet::new(),
+            staged_cf: inner.index.cf(CF_STAGED)?,
+            level: inner.cfg.zstd_level,
+            batch: Vec::with_capacity(CUT_BATCH_CHUNKS),
+            atx,
+        })
+    }
+
+    fn run(mut self, rx: Receiver<Input>) -> Result<WorkerSummary> {
+        let mut chunker = Chunker::new(self.inner.cfg.chunk);
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                Input::Piece(piece) => chunker.push(&piece, &mut |c| self.push(c))?,
+                Input::Flush(reply) => {
+                    let r = self.flush(&mut chunker);
+                    let failed = r.is_err();
+                    let _ = reply.send(r);
+                    if failed {
+                        return Err(Error::ShuttingDown);
+                    }
+                }
+                Input::Stop => return Ok(self.sum),
+            }
+        }
+        chunker.finish(&mut |c| self.push(c))?;
+        self.process()?;
+        self.spill.flush(self.inner)?;
+        self.sum.parts = self.spill.part_no;
+        Ok(self.sum)
+    }
+
+    /// Cuts what is buffered, then waits until every chunk so far is
+    /// appended and staged and every recipe entry is written.
+    fn flush(&mut self, chunker: &mut Chunker) -> Result<WorkerSummary> {
+        chunker.finish(&mut |c| self.push(c))?;
+        self.process()?;
+        self.spill.flush(self.inner)?;
+        self.sum.parts = self.spill.part_no;
+        let (btx, brx) = crossbeam_channel::bounded(1);
+        self.atx
+            .send(AppendMsg::Barrier(btx))
+            .map_err(|_| Error::ShuttingDown)?;
+        brx.recv().map_err(|_| Error::ShuttingDown)??;
+        Ok(self.sum)
+    }
+
+    fn push(&mut self, chunk: Bytes) -> Result<()> {
+        self.batch.push(chunk);
+        if self.batch.len() >= CUT_BATCH_CHUNKS {
+            self.process()?;
+        }
+        Ok(())
+    }
+
+    /// Names the batch and looks each chunk up; compression of the chunks
+    /// that the probe finds compressible runs in parallel on the pool.
+    fn process(&mut self) -> Result<()> {
+        let inner = self.inner;
+        let mut named = Vec::with_capacity(self.batch.len());
+        for chunk in std::mem::take(&mut self.batch) {
             let id = inner.chunk_id(&chunk);
-            let is_new = inner.index.chunk(&id)?.is_none() && !sent.contains(&id);
+            let is_new = inner.index.chunk(&id)?.is_none() && !self.sent.contains(&id);
             let compress = is_new && looks_compressible(&chunk);
             named.push((chunk, id, is_new, compress));
         }
+        let level = self.level;
         let named: Vec<Result<Named>> = named
             .into_par_iter()
             .map(|(chunk, id, is_new, compress)| {
@@ -391,7 +627,7 @@ fn cut_stage(
             } = n?;
             let raw_len = chunk.len() as u32;
             // Checked again here: the same new chunk may occur twice in one batch.
-            if let (Some((flags, record)), false) = (prepared, sent.contains(&id)) {
+            if let (Some((flags, record)), false) = (prepared, self.sent.contains(&id)) {
                 let shared = inner
                     .inflight
                     .lock()
@@ -400,58 +636,62 @@ fn cut_stage(
                     .map(|v| v.0);
                 match shared {
                     // Appended by another writer, not yet committed: share its placement.
-                    Some(loc) => {
-                        spill
-                            .batch
-                            .put_cf(staged_cf, staged_key(recipe, &id), loc.encode())
-                    }
+                    Some(loc) => self.spill.batch.put_cf(
+                        self.staged_cf,
+                        staged_key(self.recipe, &id),
+                        loc.encode(),
+                    ),
                     None => {
-                        if sent.len() < SENT_IDS_MAX {
-                            sent.insert(id);
+                        if self.sent.len() < SENT_IDS_MAX {
+                            self.sent.insert(id);
                         }
                         // A closed queue means the appender failed; its error is reported.
-                        atx.send(PreparedChunk {
-                            id,
-                            flags,
-                            raw_len,
-                            record,
-                        })
-                        .map_err(|_| Error::ShuttingDown)?;
+                        self.atx
+                            .send(AppendMsg::Chunk(PreparedChunk {
+                                id,
+                                flags,
+                                raw_len,
+                                record,
+                            }))
+                            .map_err(|_| Error::ShuttingDown)?;
                     }
                 }
             }
-            spill.part.entries.push(RecipeEntry { chunk: id, raw_len });
-            sum.chunks += 1;
-            sum.bytes += raw_len as u64;
-            if spill.part.entries.len() >= RECIPE_PART_ENTRIES {
-                spill.flush(inner)?;
+            self.spill
+                .part
+                .entries
+                .push(RecipeEntry { chunk: id, raw_len });
+            self.sum.chunks += 1;
+            self.sum.bytes += raw_len as u64;
+            if self.spill.part.entries.len() >= RECIPE_PART_ENTRIES {
+                self.spill.flush(inner)?;
             }
         }
         Ok(())
-    };
-    let mut emit = |chunk: Bytes| -> Result<()> {
-        batch.push(chunk);
-        if batch.len() >= CUT_BATCH_CHUNKS {
-            process(&mut batch)?;
-        }
-        Ok(())
-    };
-    while let Ok(piece) = rx.recv() {
-        chunker.push(&piece, &mut emit)?;
     }
-    chunker.finish(&mut emit)?;
-    drop(emit);
-    process(&mut batch)?;
-    drop(process);
-    spill.flush(inner)?;
-    Ok(sum)
 }
 
 /// Encrypts and appends chunks in order, recording their staged placements.
-fn append_stage(inner: &Inner, recipe: RecipeId, rx: Receiver<PreparedChunk>) -> Result<()> {
+fn append_stage(inner: &Inner, recipe: RecipeId, rx: Receiver<AppendMsg>) -> Result<()> {
     let staged_cf = inner.index.cf(CF_STAGED)?;
     let mut batch = WriteBatch::default();
-    for chunk in rx {
+    for msg in rx {
+        let chunk = match msg {
+            AppendMsg::Chunk(c) => c,
+            AppendMsg::Barrier(reply) => {
+                let r = if batch.is_empty() {
+                    Ok(())
+                } else {
+                    inner.index.write_unsynced(std::mem::take(&mut batch))
+                };
+                let failed = r.is_err();
+                let _ = reply.send(r);
+                if failed {
+                    return Err(Error::ShuttingDown);
+                }
+                continue;
+            }
+        };
         let id = chunk.id;
         let loc = inner.segments.append(&inner.cipher, chunk)?;
         {

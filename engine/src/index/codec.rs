@@ -1,7 +1,7 @@
 //! Fixed-width little-endian encodings of index values (docs/format.md).
 
 use crate::error::{Error, Result};
-use crate::ids::{ChunkId, RecipeId, SegmentId};
+use crate::ids::{ChunkId, DigestAlgorithm, RecipeId, SegmentId};
 
 use crate::segment::format::{le_u32 as u32_at, le_u64 as u64_at};
 
@@ -191,6 +191,61 @@ pub fn recipe_prefix(recipe: RecipeId) -> [u8; 8] {
     recipe.0.to_be_bytes()
 }
 
+/// A write held across restarts: the state of its last checkpoint (a
+/// resumable upload). Its recipe parts `0..parts` and the staged placements
+/// they need were made durable together with this entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldEntry {
+    pub size: u64,
+    pub chunk_count: u64,
+    pub parts: u32,
+    pub algorithm: DigestAlgorithm,
+    pub updated_unix_ms: u64,
+    /// The caller's name for the write (the server's upload session).
+    pub tag: Vec<u8>,
+}
+
+const HELD_V1: u8 = 1;
+/// Longest caller tag kept with a held write.
+pub const HELD_TAG_BYTES_MAX: usize = 1024;
+
+impl HeldEntry {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(34 + self.tag.len());
+        b.push(HELD_V1);
+        b.extend_from_slice(&self.size.to_le_bytes());
+        b.extend_from_slice(&self.chunk_count.to_le_bytes());
+        b.extend_from_slice(&self.parts.to_le_bytes());
+        b.push(self.algorithm.tag());
+        b.extend_from_slice(&self.updated_unix_ms.to_le_bytes());
+        b.extend_from_slice(&(self.tag.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.tag);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let bad = |reason: &str| Error::CorruptIndex {
+            cf: "held",
+            reason: reason.to_string(),
+        };
+        if b.len() < 34 || b[0] != HELD_V1 {
+            return Err(bad("bad held entry header"));
+        }
+        let tag_len = u32_at(b, 30) as usize;
+        if b.len() != 34 + tag_len {
+            return Err(bad("held entry length does not match its tag"));
+        }
+        Ok(HeldEntry {
+            size: u64_at(b, 1),
+            chunk_count: u64_at(b, 9),
+            parts: u32_at(b, 17),
+            algorithm: DigestAlgorithm::from_tag(b[21]).ok_or_else(|| bad("bad algorithm"))?,
+            updated_unix_ms: u64_at(b, 22),
+            tag: b[34..].to_vec(),
+        })
+    }
+}
+
 pub fn u64_be(b: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(b.get(..8)?)
         .ok()
@@ -227,6 +282,26 @@ impl SegmentEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_entry_roundtrips_and_rejects_damage() {
+        let h = HeldEntry {
+            size: 1 << 40,
+            chunk_count: 77,
+            parts: 3,
+            algorithm: DigestAlgorithm::Sha512,
+            updated_unix_ms: 12345,
+            tag: b"repo\0session".to_vec(),
+        };
+        let e = h.encode();
+        assert_eq!(HeldEntry::decode(&e).ok(), Some(h));
+        for n in 0..e.len() {
+            assert!(HeldEntry::decode(&e[..n]).is_err());
+        }
+        let mut bad = e.clone();
+        bad[21] = 9;
+        assert!(HeldEntry::decode(&bad).is_err());
+    }
 
     #[test]
     fn roundtrips() {

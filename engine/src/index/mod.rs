@@ -7,8 +7,9 @@
 pub mod codec;
 
 use crate::error::{Error, Result};
+use crate::ids::RecipeId;
 use crate::ids::{ChunkId, Digest, SegmentId};
-use codec::{BlobEntry, ChunkEntry, SegmentEntry};
+use codec::{BlobEntry, ChunkEntry, HeldEntry, SegmentEntry};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch,
     WriteOptions, DB,
@@ -24,7 +25,8 @@ pub const CF_RECIPES: &str = "recipes";
 pub const CF_STAGED: &str = "staged";
 pub const CF_PENDING: &str = "pending";
 pub const CF_SEGMENTS: &str = "segments";
-const ENGINE_CFS: [&str; 7] = [
+pub const CF_HELD: &str = "held";
+const ENGINE_CFS: [&str; 8] = [
     CF_META,
     CF_CHUNKS,
     CF_BLOBS,
@@ -32,6 +34,7 @@ const ENGINE_CFS: [&str; 7] = [
     CF_STAGED,
     CF_PENDING,
     CF_SEGMENTS,
+    CF_HELD,
 ];
 
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";
@@ -93,11 +96,13 @@ impl Index {
         let db = if read_only {
             // A read-only open cannot create column families: skip the
             // layers' families this store never had.
+            // (Stores made before `held` existed lack it too.)
             let existing = DB::list_cf(&opts, path)?;
             extra.retain(|e| existing.contains(e));
             let names: Vec<String> = ENGINE_CFS
                 .iter()
                 .map(|s| s.to_string())
+                .filter(|s| existing.contains(s))
                 .chain(extra.iter().cloned())
                 .collect();
             DB::open_cf_for_read_only(&opts, path, names, false)?
@@ -178,6 +183,24 @@ impl Index {
         self.get(CF_BLOBS, &d.to_key())?
             .map(|v| BlobEntry::decode(&v))
             .transpose()
+    }
+
+    /// Every held write (none when the store predates held writes and is
+    /// open read-only).
+    pub fn held(&self) -> Result<Vec<(RecipeId, HeldEntry)>> {
+        if self.db.cf_handle(CF_HELD).is_none() && self.read_only {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for kv in self.scan(CF_HELD)? {
+            let (k, v) = kv?;
+            let id = codec::u64_be(&k).ok_or(Error::CorruptIndex {
+                cf: CF_HELD,
+                reason: "bad key".into(),
+            })?;
+            out.push((RecipeId(id), HeldEntry::decode(&v)?));
+        }
+        Ok(out)
     }
 
     pub fn segment(&self, id: SegmentId) -> Result<Option<SegmentEntry>> {
