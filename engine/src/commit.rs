@@ -178,8 +178,7 @@ fn process(inner: &Inner, group: Vec<Request>) {
                 replies.push(deferred(reply, r));
             }
             Request::Abort { recipe, reply } => {
-                ov.finished_recipes.insert(recipe);
-                let r = delete_staging(&mut batch, index, recipe, false);
+                let r = abort(index, &mut ov, &mut batch, recipe);
                 replies.push(deferred(reply, r));
             }
             Request::Ref { digest, add, reply } => {
@@ -363,6 +362,18 @@ fn commit_blob(
     ov.blobs.insert(digest.clone(), entry);
     delete_staging(batch, index, recipe, true)?;
     Ok(entry)
+}
+
+/// Discards a write that is still pending. A recipe that was committed (or
+/// already discarded) is left alone: its parts may belong to a blob.
+fn abort(index: &Index, ov: &mut Overlay, batch: &mut WriteBatch, recipe: RecipeId) -> Result<()> {
+    if ov.finished_recipes.contains(&recipe)
+        || index.get(CF_PENDING, &recipe_prefix(recipe))?.is_none()
+    {
+        return Ok(());
+    }
+    ov.finished_recipes.insert(recipe);
+    delete_staging(batch, index, recipe, false)
 }
 
 /// Records a checkpoint of a write that is still pending. The group's

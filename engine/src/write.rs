@@ -171,6 +171,12 @@ impl BlobWriter {
         let to = recipe_key(RecipeId(recipe.0.saturating_add(1)), 0);
         b.delete_range_cf(inner.index.cf(CF_RECIPES)?, from, to);
         inner.index.write_unsynced(b)?;
+        tracing::debug!(
+            recipe = recipe.0,
+            parts = held.parts,
+            size = held.size,
+            "resuming a held write"
+        );
         let mut hasher = Hasher::new(held.algorithm);
         let (mut size, mut chunks) = (0u64, 0u64);
         for part_no in 0..held.parts {

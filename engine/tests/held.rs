@@ -161,3 +161,73 @@ fn an_empty_checkpoint_resumes() {
     assert_eq!(info.digest, Digest::sha256_of(b""));
     assert_no_pending(&s);
 }
+
+#[test]
+fn resumed_twice_with_checkpoints_reads_back() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let c = small_config(dir.path());
+    let data = noise(7, 300_000);
+    let s = open(&c);
+    let mut w = ok(s.writer(None));
+    write_all(&mut w, &data[..100_000]);
+    ok(w.checkpoint(b"x"));
+    let recipe = w.recipe();
+    w.detach();
+    drop(s);
+    for (from, to) in [(100_000, 200_000), (200_000, 300_000)] {
+        let s = open(&c);
+        let mut w = ok(s.resume_writer(recipe));
+        write_all(&mut w, &data[from..to]);
+        assert_eq!(ok(w.checkpoint(b"x")), to as u64);
+        if to == 300_000 {
+            let info = ok(w.commit());
+            assert!(ok(s.get(&info.digest)) == data);
+            assert_no_pending(&s);
+        } else {
+            w.detach();
+        }
+    }
+}
+
+#[test]
+fn resumed_then_checkpointed_twice_reads_back() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut c = small_config(dir.path());
+    c.chunk = orlop_engine::ChunkParams::default();
+    c.segment_bytes = 8 << 20;
+    let data = noise(8, 900_000);
+    let s = open(&c);
+    let mut w = ok(s.writer(None));
+    write_all(&mut w, &data[..300_000]);
+    ok(w.checkpoint(b"x"));
+    let recipe = w.recipe();
+    w.detach();
+    s.abandon();
+    let s = open(&c);
+    let mut w = ok(s.resume_writer(recipe));
+    write_all(&mut w, &data[300_000..600_000]);
+    ok(w.checkpoint(b"x"));
+    write_all(&mut w, &data[600_000..]);
+    ok(w.checkpoint(b"x"));
+    let info = ok(w.commit());
+    assert_eq!(info.digest, Digest::sha256_of(&data));
+    assert!(ok(s.get(&info.digest)) == data);
+    assert_no_pending(&s);
+}
+
+#[test]
+fn aborting_a_committed_recipe_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let c = small_config(dir.path());
+    let data = noise(11, 80_000);
+    let s = open(&c);
+    let mut w = ok(s.writer(None));
+    write_all(&mut w, &data);
+    ok(w.checkpoint(b"x"));
+    let recipe = w.recipe();
+    let info = ok(w.commit());
+    // A late abort of the same recipe (a racing cleanup) must not touch it.
+    ok(s.abort_held(recipe));
+    assert!(ok(s.get(&info.digest)) == data);
+    assert_no_pending(&s);
+}

@@ -24,6 +24,9 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Bounds the request bodies streaming into the engine at once.
     pub streaming: tokio::sync::Semaphore,
+    /// Bounds the blob responses streaming out of the engine at once (each
+    /// holds a blocking thread while it streams).
+    pub downloads: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
@@ -31,6 +34,7 @@ impl App {
         App {
             uploads: Uploads::new(cfg.upload_sessions_max),
             streaming: tokio::sync::Semaphore::new(cfg.uploads_streaming_max),
+            downloads: Arc::new(tokio::sync::Semaphore::new(cfg.downloads_streaming_max)),
             registry: Registry::new(store),
             metrics,
             cfg,
@@ -71,68 +75,101 @@ pub enum Route {
 
 /// The route's name for logs and metrics (a fixed, small set).
 pub fn route_name(path: &str) -> &'static str {
-    if path == "/v2" || path == "/v2/" {
-        "base"
-    } else if path == "/metrics" {
-        "metrics"
-    } else if path == "/v2/_catalog" {
-        "catalog"
-    } else if !path.starts_with("/v2/") {
-        "unknown"
-    } else if path.ends_with("/tags/list") {
-        "tags"
-    } else if path.contains("/blobs/uploads/") || path.ends_with("/blobs/uploads") {
-        "upload"
-    } else if path.contains("/blobs/") {
-        "blob"
-    } else if path.contains("/manifests/") {
-        "manifest"
-    } else if path.contains("/referrers/") {
-        "referrers"
-    } else {
-        "unknown"
+    match split_route(path) {
+        Some(Shape::Base) => "base",
+        Some(Shape::Catalog) => "catalog",
+        Some(Shape::Metrics) => "metrics",
+        Some(Shape::Tags(_)) => "tags",
+        Some(Shape::UploadStart(_) | Shape::Upload(..)) => "upload",
+        Some(Shape::Blob(..)) => "blob",
+        Some(Shape::Manifest(..)) => "manifest",
+        Some(Shape::Referrers(..)) => "referrers",
+        None => "unknown",
     }
 }
 
-pub fn parse_route(path: &str) -> ApiResult<Route> {
+/// A request path split into its parts, not yet validated.
+enum Shape<'a> {
+    Base,
+    Catalog,
+    Metrics,
+    Tags(&'a str),
+    UploadStart(&'a str),
+    Upload(&'a str, &'a str),
+    Blob(&'a str, &'a str),
+    Manifest(&'a str, &'a str),
+    Referrers(&'a str, &'a str),
+}
+
+/// Splits off the last segment first (a digest, tag or session id never
+/// holds a '/'), so that repository names such as `team/blobs/app` route
+/// correctly.
+fn split_route(path: &str) -> Option<Shape<'_>> {
     match path {
-        "/v2" | "/v2/" => return Ok(Route::Base),
-        "/v2/_catalog" => return Ok(Route::Catalog),
-        "/metrics" => return Ok(Route::Metrics),
+        "/v2" | "/v2/" => return Some(Shape::Base),
+        "/v2/_catalog" => return Some(Shape::Catalog),
+        "/metrics" => return Some(Shape::Metrics),
         _ => {}
     }
-    let rest = path.strip_prefix("/v2/").ok_or(ApiError::NotFound)?;
-    if let Some(name) = rest.strip_suffix("/tags/list") {
-        return Ok(Route::Tags(RepoName::parse(name)?));
-    }
+    let rest = path.strip_prefix("/v2/")?;
     if let Some(name) = rest
         .strip_suffix("/blobs/uploads/")
         .or_else(|| rest.strip_suffix("/blobs/uploads"))
     {
-        return Ok(Route::UploadStart(RepoName::parse(name)?));
+        return Some(Shape::UploadStart(name));
     }
-    if let Some((name, id)) = rest.rsplit_once("/blobs/uploads/") {
-        if id.is_empty()
-            || id.len() > 64
-            || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
-            return Err(ApiError::BlobUploadUnknown);
+    let (before, last) = rest.rsplit_once('/')?;
+    if let Some(name) = before.strip_suffix("/blobs/uploads") {
+        return Some(Shape::Upload(name, last));
+    }
+    if last == "list" {
+        if let Some(name) = before.strip_suffix("/tags") {
+            return Some(Shape::Tags(name));
         }
-        return Ok(Route::Upload(RepoName::parse(name)?, id.to_string()));
     }
-    if let Some((name, d)) = rest.rsplit_once("/blobs/") {
-        return Ok(Route::Blob(RepoName::parse(name)?, parse_digest(d)?));
+    if let Some(name) = before.strip_suffix("/blobs") {
+        return Some(Shape::Blob(name, last));
     }
-    if let Some((name, r)) = rest.rsplit_once("/manifests/") {
-        return Ok(Route::Manifest(
-            RepoName::parse(name)?,
-            Reference::parse(r)?,
-        ));
+    if let Some(name) = before.strip_suffix("/manifests") {
+        return Some(Shape::Manifest(name, last));
     }
-    if let Some((name, d)) = rest.rsplit_once("/referrers/") {
-        return Ok(Route::Referrers(RepoName::parse(name)?, parse_digest(d)?));
+    if let Some(name) = before.strip_suffix("/referrers") {
+        return Some(Shape::Referrers(name, last));
     }
-    Err(ApiError::NotFound)
+    None
+}
+
+pub fn parse_route(path: &str) -> ApiResult<Route> {
+    Ok(match split_route(path).ok_or(ApiError::NotFound)? {
+        Shape::Base => Route::Base,
+        Shape::Catalog => Route::Catalog,
+        Shape::Metrics => Route::Metrics,
+        Shape::Tags(n) => Route::Tags(RepoName::parse(n)?),
+        Shape::UploadStart(n) => Route::UploadStart(RepoName::parse(n)?),
+        Shape::Upload(n, id) => {
+            let repo = RepoName::parse(n)?;
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(ApiError::BlobUploadUnknown);
+            }
+            Route::Upload(repo, id.to_string())
+        }
+        Shape::Blob(n, d) => Route::Blob(RepoName::parse(n)?, parse_digest(d)?),
+        Shape::Manifest(n, r) => Route::Manifest(RepoName::parse(n)?, Reference::parse(r)?),
+        Shape::Referrers(n, d) => Route::Referrers(RepoName::parse(n)?, parse_digest(d)?),
+    })
+}
+
+/// The method as a metric label: a fixed set, whatever clients send.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        _ => "other",
+    }
 }
 
 /// Serves one request: routes it, turns errors into the spec's error body,
@@ -169,7 +206,7 @@ pub async fn handle(app: Arc<App>, req: Req) -> Resp {
     let elapsed = start.elapsed();
     app.metrics.sent_bytes.inc_by(bytes_out);
     app.metrics
-        .observe_request(route, method.as_str(), status, elapsed);
+        .observe_request(route, method_label(&method), status, elapsed);
     tracing::info!(
         target: "orlop::access",
         method = %method,
@@ -280,5 +317,17 @@ mod tests {
         assert!(matches!(parse_route("/other"), Err(ApiError::NotFound)));
         assert_eq!(route_name("/v2/a/blobs/uploads/"), "upload");
         assert_eq!(route_name(&format!("/v2/a/blobs/{d}")), "blob");
+        // Repository names may contain the API's keywords as components.
+        assert!(matches!(parse_route("/v2/team/blobs/app/manifests/latest"),
+            Ok(Route::Manifest(n, _)) if n.as_str() == "team/blobs/app"));
+        assert!(
+            matches!(parse_route(&format!("/v2/a/manifests/b/referrers/{d}")),
+            Ok(Route::Referrers(n, _)) if n.as_str() == "a/manifests/b")
+        );
+        assert!(
+            matches!(parse_route("/v2/x/tags/tags/list"), Ok(Route::Tags(n)) if n.as_str() == "x/tags")
+        );
+        assert!(matches!(parse_route("/v2/x/blobs/uploads/blobs/uploads/"),
+            Ok(Route::UploadStart(n)) if n.as_str() == "x/blobs/uploads"));
     }
 }

@@ -23,6 +23,8 @@ pub struct ServerConfig {
     pub upload_sessions_max: usize,
     /// Request bodies streaming into the engine at once; more wait.
     pub uploads_streaming_max: usize,
+    /// Blob responses streaming out of the engine at once; more wait.
+    pub downloads_streaming_max: usize,
     /// An upload session idle this long is cancelled and its data released.
     pub upload_expiry_secs: u64,
     /// Connections served at once; more wait in the listen backlog.
@@ -48,6 +50,7 @@ impl Default for ServerConfig {
             upload_sessions_max: 256,
             uploads_streaming_max: 16,
             upload_expiry_secs: 3600,
+            downloads_streaming_max: 256,
             connections_max: 1024,
             list_page_max: 1000,
             shutdown_grace_secs: 30,
@@ -126,6 +129,7 @@ impl ServerConfig {
             "BLOB_BYTES_MAX" => self.blob_bytes_max = num(value).map_err(bad)?,
             "UPLOAD_SESSIONS_MAX" => self.upload_sessions_max = num(value).map_err(bad)?,
             "UPLOADS_STREAMING_MAX" => self.uploads_streaming_max = num(value).map_err(bad)?,
+            "DOWNLOADS_STREAMING_MAX" => self.downloads_streaming_max = num(value).map_err(bad)?,
             "UPLOAD_EXPIRY_SECS" => self.upload_expiry_secs = num(value).map_err(bad)?,
             "CONNECTIONS_MAX" => self.connections_max = num(value).map_err(bad)?,
             "LIST_PAGE_MAX" => self.list_page_max = num(value).map_err(bad)?,
@@ -147,6 +151,10 @@ impl ServerConfig {
             ("upload_sessions_max", self.upload_sessions_max as u64),
             ("uploads_streaming_max", self.uploads_streaming_max as u64),
             ("upload_expiry_secs", self.upload_expiry_secs),
+            (
+                "downloads_streaming_max",
+                self.downloads_streaming_max as u64,
+            ),
             ("connections_max", self.connections_max as u64),
             ("list_page_max", self.list_page_max as u64),
             ("request_head_timeout_secs", self.request_head_timeout_secs),

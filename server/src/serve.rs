@@ -46,6 +46,8 @@ const REQUEST_HEAD_BYTES_MAX: usize = 64 * 1024;
 pub enum ServeError {
     #[error("store: {0}")]
     Store(#[from] orlop_engine::Error),
+    #[error("restoring upload sessions: {0}")]
+    Restore(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -101,10 +103,24 @@ pub fn run_until<F: Future<Output = ()> + Send>(
     tracing::info!(data = %cfg.data.display(), io = store.io_backend(), "store open");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blob downloads hold blocking threads while they stream; keep room
+        // beside them for the short blocking calls of every other request.
+        .max_blocking_threads(cfg.downloads_streaming_max + 256)
         .thread_name("orlop-http")
         .build()
         .map_err(io_err("starting the runtime"))?;
     let app = Arc::new(App::new(cfg.clone(), store.clone(), metrics));
+    let foreign = app
+        .uploads
+        .restore(&store)
+        .map_err(|e| ServeError::Restore(e.to_string()))?;
+    for r in foreign {
+        store.abort_held(r)?;
+    }
+    let restored = app.uploads.open_count();
+    if restored > 0 {
+        tracing::info!(sessions = restored, "resumable upload sessions restored");
+    }
     let app2 = app.clone();
     let served = rt.block_on(async move {
         let listener = TcpListener::bind(cfg.addr)
@@ -207,7 +223,10 @@ async fn serve<F: Future<Output = ()>>(app: Arc<App>, listener: TcpListener, sto
             "grace period over; cutting remaining connections"
         );
         tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
     }
+    // Checkpointed uploads stay held in the store and resume after a restart.
+    app.uploads.detach_all();
 }
 
 async fn expire_uploads(app: Arc<App>) {
@@ -216,7 +235,8 @@ async fn expire_uploads(app: Arc<App>) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let n = app.uploads.expire(idle);
+        let (n, held) = app.uploads.expire(idle);
+        crate::routes::uploads::abort_held(&app, held).await;
         if n > 0 {
             app.metrics.uploads_expired.inc_by(n as u64);
             tracing::info!(sessions = n, "expired idle upload sessions");

@@ -706,3 +706,244 @@ fn concurrent_pushes_and_deletes_keep_counts_exact() {
     });
     reg.stop_and_fsck();
 }
+
+fn start_upload(c: &Client, repo: &str) -> String {
+    let r = c.req("POST", &format!("/v2/{repo}/blobs/uploads/"), &[], b"");
+    assert_eq!(r.status, 202);
+    r.header("location").unwrap_or_default()
+}
+
+#[test]
+fn uploads_resume_after_kill_and_restart() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let data_dir = dir.path().join("data");
+    let data = noise(70, 900_000);
+    let d = digest(&data);
+    let reg = Registry::start(&data_dir, &[]);
+    let c = reg.client();
+    let loc = start_upload(&c, "resume");
+    let r = c.req(
+        "PATCH",
+        &loc,
+        &[("content-range", "0-299999")],
+        &data[..300_000],
+    );
+    assert_eq!(r.status, 202);
+    // An acknowledged PATCH survives kill -9.
+    reg.kill();
+    let reg = Registry::start(&data_dir, &[]);
+    let c = reg.client();
+    let r = c.get(&loc);
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("range").as_deref(), Some("0-299999"));
+    let r = c.req(
+        "PATCH",
+        &loc,
+        &[("content-range", "300000-599999")],
+        &data[300_000..600_000],
+    );
+    assert_eq!(r.status, 202);
+    assert_eq!(r.header("range").as_deref(), Some("0-599999"));
+    // ... and a graceful restart.
+    reg.stop();
+    let reg = Registry::start(&data_dir, &[]);
+    let c = reg.client();
+    let r = c.req(
+        "PATCH",
+        &loc,
+        &[("content-range", "100-199")],
+        &data[100..200],
+    );
+    assert_eq!(r.status, 416, "out of order after the restart");
+    assert_eq!(r.header("range").as_deref(), Some("0-599999"));
+    // The 416 left the session as it was: continue and finish it.
+    let r = c.req(
+        "PATCH",
+        &loc,
+        &[("content-range", "600000-899999")],
+        &data[600_000..],
+    );
+    assert_eq!(r.status, 202);
+    let r = c.req("PUT", &format!("{loc}?digest={d}"), &[], b"");
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert!(c.get(&format!("/v2/resume/blobs/{d}")).body == data);
+    // A session whose last bytes travel with the PUT, after a kill -9.
+    c.req("DELETE", &format!("/v2/resume/blobs/{d}"), &[], b"");
+    let loc2 = start_upload(&c, "resume");
+    let r = c.req("PATCH", &loc2, &[], &data[..500_000]);
+    assert_eq!(r.status, 202);
+    reg.kill();
+    let reg = Registry::start(&data_dir, &[]);
+    let c = reg.client();
+    let r = c.req(
+        "PUT",
+        &format!("{loc2}?digest={d}"),
+        &[("content-range", "500000-899999")],
+        &data[500_000..],
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert!(c.get(&format!("/v2/resume/blobs/{d}")).body == data);
+    reg.stop_and_fsck();
+}
+
+#[test]
+fn cut_off_request_ends_its_session() {
+    use std::io::Write;
+    let (_dir, reg) = start();
+    let c = reg.client();
+    let loc = start_upload(&c, "cut");
+    assert_eq!(c.req("PATCH", &loc, &[], &noise(80, 10_000)).status, 202);
+    // A PATCH that promises 100 kB, sends 1 kB, and hangs up.
+    let mut s = std::net::TcpStream::connect(reg.addr).unwrap_or_else(|e| panic!("{e}"));
+    write!(
+        s,
+        "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(&noise(81, 1000))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(s);
+    let mut code = String::new();
+    for _ in 0..50 {
+        code = c.get(&loc).error_code();
+        if code == "BLOB_UPLOAD_UNKNOWN" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(code, "BLOB_UPLOAD_UNKNOWN");
+    let m = String::from_utf8_lossy(&c.get("/metrics").body).into_owned();
+    assert!(m.contains("orlop_upload_sessions 0"), "{m}");
+    reg.stop_and_fsck();
+}
+
+#[test]
+fn upload_edge_cases() {
+    let (_dir, reg) = start();
+    let c = reg.client();
+    // sha512, single request and POST-then-PUT.
+    let data = noise(90, 70_000);
+    use sha2::Digest as _;
+    let d512 = format!("sha512:{}", hex::encode(sha2::Sha512::digest(&data)));
+    let r = c.req(
+        "POST",
+        &format!("/v2/edge/blobs/uploads/?digest={d512}"),
+        &[],
+        &data,
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let loc = start_upload(&c, "edge2");
+    let r = c.req("PUT", &format!("{loc}?digest={d512}"), &[], &data);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert!(c.get(&format!("/v2/edge2/blobs/{d512}")).body == data);
+    // A 0-byte chunk changes nothing.
+    let loc = start_upload(&c, "edge");
+    assert_eq!(c.req("PATCH", &loc, &[], b"abc").status, 202);
+    let r = c.req("PATCH", &loc, &[], b"");
+    assert_eq!((r.status, r.header("range").as_deref()), (202, Some("0-2")));
+    let r = c.req("PUT", &format!("{loc}?digest={}", digest(b"abc")), &[], b"");
+    assert_eq!(r.status, 201);
+    // A Content-Range that overflows is refused, not a crash.
+    let loc = start_upload(&c, "edge");
+    let r = c.req(
+        "PATCH",
+        &loc,
+        &[("content-range", "0-18446744073709551615")],
+        b"x",
+    );
+    assert_eq!(r.status, 400);
+    // A PUT without a digest.
+    let loc = start_upload(&c, "edge");
+    assert_eq!(c.req("PUT", &loc, &[], b"x").error_code(), "DIGEST_INVALID");
+    // Repository names holding the API's keywords.
+    let img = Image::with_layers("kw", vec![noise(91, 1000)]);
+    push_image(&c, "team/blobs/manifests/tags", "v1", &img);
+    assert_pulls(&c, "team/blobs/manifests/tags", "v1", &img);
+    assert_eq!(
+        c.get("/v2/team/blobs/manifests/tags/tags/list").json()["tags"],
+        json!(["v1"])
+    );
+    // Deleting a tag whose manifest another tag still uses.
+    assert_eq!(
+        put_manifest(
+            &c,
+            "team/blobs/manifests/tags",
+            "v2",
+            OCI_MANIFEST,
+            &img.manifest
+        )
+        .status,
+        201
+    );
+    assert_eq!(
+        c.req(
+            "DELETE",
+            "/v2/team/blobs/manifests/tags/manifests/v1",
+            &[],
+            b""
+        )
+        .status,
+        202
+    );
+    assert_pulls(&c, "team/blobs/manifests/tags", "v2", &img);
+    reg.stop_and_fsck();
+}
+
+#[test]
+fn referrers_paginate() {
+    let (_dir, reg) = start();
+    let c = reg.client();
+    let img = Image::with_layers("subject", vec![noise(95, 500)]);
+    push_image(&c, "refs", "v1", &img);
+    let empty = b"{}".to_vec();
+    push_blob(&c, "refs", &empty);
+    let mut all = Vec::new();
+    for i in 0..5 {
+        let m = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": format!("application/x.t{}", i % 2),
+            "config": descriptor("application/vnd.oci.empty.v1+json", &empty), "layers": [],
+            "subject": descriptor(OCI_MANIFEST, &img.manifest),
+            "annotations": {"n": i.to_string()},
+        }))
+        .unwrap_or_default();
+        assert_eq!(
+            put_manifest(&c, "refs", &digest(&m), OCI_MANIFEST, &m).status,
+            201
+        );
+        all.push(digest(&m));
+    }
+    all.sort();
+    let mut seen = Vec::new();
+    let mut next = Some(format!("/v2/refs/referrers/{}?n=2", img.digest()));
+    while let Some(path) = next.take() {
+        let r = c.get(&path);
+        assert_eq!(r.status, 200);
+        let page = r.json()["manifests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(page.len() <= 2);
+        seen.extend(
+            page.iter()
+                .map(|m| m["digest"].as_str().unwrap_or_default().to_string()),
+        );
+        next = r.header("link").map(|l| {
+            l.trim_start_matches('<')
+                .split('>')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        });
+    }
+    assert_eq!(seen, all, "every referrer once, in order");
+    let r = c.get(&format!(
+        "/v2/refs/referrers/{}?n=1&artifactType=application/x.t1",
+        img.digest()
+    ));
+    assert_eq!(r.json()["manifests"].as_array().map(Vec::len), Some(1));
+    assert!(r
+        .header("link")
+        .is_some_and(|l| l.contains("artifactType=application%2Fx.t1")));
+    reg.stop_and_fsck();
+}

@@ -12,6 +12,10 @@ pub struct ManifestMeta {
     pub created_unix_ms: u64,
     /// Indexes of this repository that name this manifest as a child.
     pub parents: u32,
+    /// Tags of this repository that point at this manifest. Changed in the
+    /// same transaction as the tag, so that a delete deciding which tags to
+    /// remove conflicts with a concurrent tagging.
+    pub tags: u32,
     /// Distinct blobs (config, layers) the manifest references.
     pub blobs: Vec<Digest>,
     /// Distinct child manifests (for an index or manifest list).
@@ -112,6 +116,7 @@ impl ManifestMeta {
         w.u64(self.size);
         w.u64(self.created_unix_ms);
         w.u32(self.parents);
+        w.u32(self.tags);
         for list in [&self.blobs, &self.manifests] {
             w.u32(list.len() as u32);
             for d in list {
@@ -133,6 +138,7 @@ impl ManifestMeta {
             size: r.u64()?,
             created_unix_ms: r.u64()?,
             parents: r.u32()?,
+            tags: r.u32()?,
             blobs: r.digests()?,
             manifests: r.digests()?,
             subject: r.opt(|r| r.digest())?,
@@ -173,6 +179,7 @@ mod tests {
             size: 1234,
             created_unix_ms: 99,
             parents: 2,
+            tags: 5,
             blobs: vec![d(1), d(2)],
             manifests: vec![d(3)],
             subject: Some(d(4)),

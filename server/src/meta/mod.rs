@@ -182,37 +182,63 @@ impl Registry {
         let mkey = rkey(repo, &m.digest.to_key());
         self.retry(|| {
             let mut t = Txn::new();
-            match self.get(CF_MANIFESTS, &mkey)? {
-                Some(cur) => t.expect(CF_MANIFESTS, mkey.clone(), Some(cur)),
-                None => self.add_manifest_rows(&mut t, repo, m, &mkey)?,
-            }
+            let cur = self.get(CF_MANIFESTS, &mkey)?;
+            let mut row = match &cur {
+                Some(v) => self.decode_manifest(repo, &m.digest, v)?,
+                None => {
+                    self.add_manifest_rows(&mut t, repo, m)?;
+                    m.meta.clone()
+                }
+            };
+            t.expect(CF_MANIFESTS, mkey.clone(), cur.clone());
             if let Some(tag) = tag {
                 let tkey = rkey(repo, tag.as_str().as_bytes());
-                let cur = self.get(CF_TAGS, &tkey)?;
-                let old = cur.as_deref().and_then(|v| Digest::from_key(v).ok());
+                let tcur = self.get(CF_TAGS, &tkey)?;
+                let old = tcur.as_deref().and_then(|v| Digest::from_key(v).ok());
                 if old.as_ref() != Some(&m.digest) {
-                    t.expect(CF_TAGS, tkey.clone(), cur);
+                    t.expect(CF_TAGS, tkey.clone(), tcur);
                     t.put(CF_TAGS, tkey, m.digest.to_key());
                     t.add_ref(&m.digest);
+                    row.tags = row.tags.saturating_add(1);
                     if let Some(old) = old {
                         t.drop_ref(&old);
+                        self.adjust_tags(&mut t, repo, &old)?;
                     }
                 }
+            }
+            let unchanged = match &cur {
+                Some(v) => self.decode_manifest(repo, &m.digest, v)?.tags == row.tags,
+                None => false,
+            };
+            if !unchanged {
+                t.put(CF_MANIFESTS, mkey.clone(), row.encode());
             }
             self.ensure_repo(&mut t, repo)?;
             Ok(Some(t))
         })
     }
 
-    fn add_manifest_rows(
-        &self,
-        t: &mut Txn,
-        repo: &RepoName,
-        m: &NewManifest,
-        mkey: &[u8],
-    ) -> ApiResult<()> {
-        t.expect(CF_MANIFESTS, mkey.to_vec(), None);
-        t.put(CF_MANIFESTS, mkey.to_vec(), m.meta.encode());
+    fn decode_manifest(&self, repo: &RepoName, d: &Digest, v: &[u8]) -> ApiResult<ManifestMeta> {
+        ManifestMeta::decode(v)
+            .ok_or_else(|| ApiError::Damaged(format!("manifest row of {repo}@{d}")))
+    }
+
+    /// Counts one tag fewer on manifest `d` (a tag moved away or was deleted).
+    fn adjust_tags(&self, t: &mut Txn, repo: &RepoName, d: &Digest) -> ApiResult<()> {
+        let key = rkey(repo, &d.to_key());
+        let Some(cur) = self.get(CF_MANIFESTS, &key)? else {
+            return Ok(());
+        };
+        let mut row = self.decode_manifest(repo, d, &cur)?;
+        row.tags = row.tags.saturating_sub(1);
+        t.expect(CF_MANIFESTS, key.clone(), Some(cur));
+        t.put(CF_MANIFESTS, key, row.encode());
+        Ok(())
+    }
+
+    /// The references and rows a new manifest adds (its own row is written
+    /// by the caller).
+    fn add_manifest_rows(&self, t: &mut Txn, repo: &RepoName, m: &NewManifest) -> ApiResult<()> {
         t.add_ref(&m.digest);
         for (d, size) in &m.blob_sizes {
             let stored = self
@@ -370,6 +396,7 @@ impl Registry {
             t.expect(CF_TAGS, tkey.clone(), Some(cur));
             t.delete(CF_TAGS, tkey.clone());
             t.drop_ref(&d);
+            self.adjust_tags(&mut t, repo, &d)?;
             Ok(Some(t))
         })?;
         Ok(found)
@@ -411,17 +438,27 @@ impl Registry {
         ))
     }
 
-    /// The referrer descriptors (JSON) stored for `subject`, up to `n`.
+    /// Referrer rows of `subject` after the referrer `after`, in pages:
+    /// (referrer digest, descriptor JSON).
     pub fn referrers(
         &self,
         repo: &RepoName,
         subject: &Digest,
+        after: Option<&Digest>,
         n: usize,
-    ) -> ApiResult<Vec<Vec<u8>>> {
+    ) -> ApiResult<Vec<(Digest, Vec<u8>)>> {
+        let prefix = rkey(repo, &subject.to_key());
+        let after = after.map(|a| cat(&prefix, &a.to_key()));
         let rows = self
             .store
-            .kv_scan(CF_REFERRERS, &rkey(repo, &subject.to_key()), None, n)?;
-        Ok(rows.into_iter().map(|(_, v)| v).collect())
+            .kv_scan(CF_REFERRERS, &prefix, after.as_deref(), n)?;
+        rows.into_iter()
+            .map(|(k, v)| {
+                Digest::from_key(&k[prefix.len()..])
+                    .map(|d| (d, v))
+                    .map_err(|_| ApiError::Damaged(format!("referrer row of {repo}@{subject}")))
+            })
+            .collect()
     }
 
     /// Recomputes every blob's expected reference count from the registry's

@@ -67,9 +67,18 @@ pub async fn get(
 /// gets an error status; damage found later cuts the connection.
 pub async fn stream_blob(app: &App, d: Digest, offset: u64, len: u64) -> ApiResult<ChannelBody> {
     let store = app.store().clone();
+    let permit = app
+        .downloads
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::Unavailable("shutting down".into()))?;
+    let idle = app.body_idle();
+    let rt = tokio::runtime::Handle::current();
     let (tx, rx) = tokio::sync::mpsc::channel(READ_QUEUE_PIECES);
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<ApiResult<()>>();
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let mut reader = match store.range_reader(&d, offset, len) {
             Ok(r) => r,
             Err(e) => {
@@ -88,8 +97,14 @@ pub async fn stream_blob(app: &App, d: Digest, offset: u64, len: u64) -> ApiResu
         let _ = first_tx.send(Ok(()));
         let mut next = first;
         while let Some(piece) = next {
-            if tx.blocking_send(Ok(piece)).is_err() {
-                return; // the client went away
+            // A client that stops reading for `idle` loses the response.
+            match rt.block_on(tokio::time::timeout(idle, tx.send(Ok(piece)))) {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return, // the client went away
+                Err(_) => {
+                    tracing::warn!(blob = %d, "client stalled; cutting the response");
+                    return;
+                }
             }
             next = match reader.next_piece() {
                 Ok(p) => p,

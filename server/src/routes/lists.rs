@@ -5,13 +5,10 @@ use crate::app::{blocking, App};
 use crate::error::{ApiError, ApiResult};
 use crate::http::{query_get, respond, Resp};
 use crate::manifest::OCI_INDEX;
-use crate::names::RepoName;
+use crate::names::{parse_digest, RepoName};
 use orlop_engine::Digest;
 use serde_json::{json, Value};
 use std::sync::Arc;
-
-/// Referrer rows read before filtering; a page holds at most `list_page_max`.
-const REFERRERS_SCAN_MAX: usize = 100_000;
 
 /// The page size asked for with `n`, capped at `list_page_max`.
 fn page_size(app: &App, q: &[(String, String)]) -> ApiResult<usize> {
@@ -71,6 +68,9 @@ pub async fn catalog(app: &Arc<App>, q: &[(String, String)]) -> ApiResult<Resp> 
     Ok(json_page(json!({ "repositories": repos }), link))
 }
 
+/// Referrer rows read per scan while filtering.
+const REFERRERS_SCAN_PAGE: usize = 1024;
+
 pub async fn referrers(
     app: &Arc<App>,
     repo: RepoName,
@@ -78,34 +78,56 @@ pub async fn referrers(
     q: &[(String, String)],
 ) -> ApiResult<Resp> {
     let filter = query_get(q, "artifactType").map(str::to_string);
-    let page = app.cfg.list_page_max;
+    let after = query_get(q, "last").map(parse_digest).transpose()?;
+    let page = page_size(app, q)?;
     let reg = app.registry.clone();
-    let f2 = filter.clone();
-    let manifests = blocking(move || {
-        let rows = reg.referrers(&repo, &subject, REFERRERS_SCAN_MAX)?;
+    let (f2, r2, s2) = (filter.clone(), repo.clone(), subject.clone());
+    let (manifests, last) = blocking(move || {
         let mut out = Vec::new();
-        for row in rows {
-            let Ok(v) = serde_json::from_slice::<Value>(&row) else {
-                continue;
+        let mut cursor = after;
+        loop {
+            let rows = reg.referrers(&r2, &s2, cursor.as_ref(), REFERRERS_SCAN_PAGE)?;
+            let Some((last, _)) = rows.last() else {
+                return Ok((out, None));
             };
-            let matches = match &f2 {
-                Some(t) => v.get("artifactType").and_then(Value::as_str) == Some(t.as_str()),
-                None => true,
-            };
-            if matches {
-                out.push(v);
-            }
-            if out.len() >= page {
-                break;
+            cursor = Some(last.clone());
+            for (d, row) in rows {
+                let Ok(v) = serde_json::from_slice::<Value>(&row) else {
+                    continue;
+                };
+                let matches = match &f2 {
+                    Some(t) => v.get("artifactType").and_then(Value::as_str) == Some(t.as_str()),
+                    None => true,
+                };
+                if !matches {
+                    continue;
+                }
+                if out.len() == page {
+                    // One more match exists: the page ends before it.
+                    let last_listed = out.last().map(|(d, _): &(Digest, Value)| d.clone());
+                    return Ok((out, last_listed));
+                }
+                out.push((d, v));
             }
         }
-        Ok(out)
     })
     .await?;
-    let body = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
+    let body = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": manifests.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+    });
     let mut hs = vec![("Content-Type", OCI_INDEX.to_string())];
     if filter.is_some() {
         hs.push(("OCI-Filters-Applied", "artifactType".to_string()));
+    }
+    if let Some(last) = last {
+        let mut link = format!("/v2/{repo}/referrers/{subject}?n={page}&last={last}");
+        if let Some(f) = &filter {
+            let f: String = form_urlencoded::byte_serialize(f.as_bytes()).collect();
+            link.push_str(&format!("&artifactType={f}"));
+        }
+        hs.push(("Link", format!("<{link}>; rel=\"next\"")));
     }
     Ok(respond(
         200,

@@ -52,6 +52,7 @@ pub async fn put(
             size: bytes.len() as u64,
             created_unix_ms: now_unix_ms(),
             parents: 0,
+            tags: 0,
             blobs: parsed.blobs.iter().map(|(d, _)| d.clone()).collect(),
             manifests: parsed.children.iter().map(|c| c.digest.clone()).collect(),
             subject: parsed.subject.clone(),
@@ -94,14 +95,27 @@ fn precheck(reg: &Registry, repo: &RepoName, nm: &NewManifest) -> ApiResult<()> 
     if reg.manifest(repo, &nm.digest)?.is_some() {
         return Ok(());
     }
-    for (d, _) in &nm.blob_sizes {
-        if reg.store().stat(d)?.is_none() {
-            return Err(ApiError::ManifestBlobUnknown(d.clone()));
+    for (d, size) in &nm.blob_sizes {
+        let stored = reg
+            .store()
+            .stat(d)?
+            .ok_or_else(|| ApiError::ManifestBlobUnknown(d.clone()))?;
+        if let Some(size) = size.filter(|s| *s != stored.size) {
+            return Err(ApiError::ManifestInvalid(format!(
+                "descriptor of {d} says {size} bytes, the blob has {}",
+                stored.size
+            )));
         }
     }
-    for (d, _) in &nm.child_sizes {
-        if reg.manifest(repo, d)?.is_none() {
-            return Err(ApiError::ManifestBlobUnknown(d.clone()));
+    for (d, size) in &nm.child_sizes {
+        let child = reg
+            .manifest(repo, d)?
+            .ok_or_else(|| ApiError::ManifestBlobUnknown(d.clone()))?;
+        if child.size != *size {
+            return Err(ApiError::ManifestInvalid(format!(
+                "descriptor of child manifest {d} says {size} bytes, it has {}",
+                child.size
+            )));
         }
     }
     Ok(())

@@ -7,7 +7,7 @@ use crate::app::{blocking, App, Req};
 use crate::error::{ApiError, ApiResult};
 use crate::http::{header, next_data, parse_content_range, query_get, respond, upload_range, Resp};
 use crate::names::{parse_digest, RepoName};
-use crate::upload::{Session, State, WriterTask};
+use crate::upload::{CutOffGuard, Origin, Session, State, WriterTask};
 use bytes::Bytes;
 use hyper::body::Incoming;
 use orlop_engine::Digest;
@@ -37,14 +37,18 @@ fn created(repo: &RepoName, d: &Digest) -> Resp {
     )
 }
 
-/// Streams a request body into a writer; returns the bytes it carried.
-/// `before` is what the upload already holds (the size bound is per blob).
-async fn pump(app: &App, body: &mut Incoming, w: &WriterTask, before: u64) -> ApiResult<u64> {
-    let _permit = app
-        .streaming
+/// Waits for a slot among the bodies streaming into the engine.
+async fn stream_permit(app: &App) -> ApiResult<tokio::sync::SemaphorePermit<'_>> {
+    app.streaming
         .acquire()
         .await
-        .map_err(|_| ApiError::Unavailable("shutting down".into()))?;
+        .map_err(|_| ApiError::Unavailable("shutting down".into()))
+}
+
+/// Streams a request body into a writer; returns the bytes it carried.
+/// `before` is what the upload already holds (the size bound is per blob).
+/// The caller holds a streaming permit.
+async fn pump(app: &App, body: &mut Incoming, w: &WriterTask, before: u64) -> ApiResult<u64> {
     let limit = app.cfg.blob_bytes_max;
     let mut n = 0u64;
     while let Some(piece) = next_data(body, app.body_idle()).await? {
@@ -77,6 +81,24 @@ async fn commit_and_link(app: &App, repo: &RepoName, w: WriterTask, d: Digest) -
     link(app, repo, &info.digest).await
 }
 
+/// Aborts held writes from before a restart (sessions that ended unused).
+pub async fn abort_held(app: &App, held: Vec<orlop_engine::RecipeId>) {
+    if held.is_empty() {
+        return;
+    }
+    let store = app.store().clone();
+    let r = blocking(move || {
+        for r in held {
+            store.abort_held(r)?;
+        }
+        Ok(())
+    })
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not abort held uploads");
+    }
+}
+
 pub async fn start(
     app: &Arc<App>,
     repo: RepoName,
@@ -92,7 +114,12 @@ pub async fn start(
         // Not mountable: the client gets a session and uploads the blob.
     } else if let Some(dg) = query_get(q, "digest") {
         let d = parse_digest(dg)?;
-        let w = WriterTask::spawn(app.store().clone(), Some(d.clone()))?;
+        let _permit = stream_permit(app).await?;
+        let w = WriterTask::spawn(
+            app.store().clone(),
+            Origin::New(Some(d.clone())),
+            Vec::new(),
+        )?;
         let mut body = req.into_body();
         pump(app, &mut body, &w, 0).await?;
         commit_and_link(app, &repo, w, d.clone()).await?;
@@ -132,93 +159,124 @@ async fn try_mount(
     .await
 }
 
-/// Locks a session for one request, refusing closed or broken ones.
-async fn lock<'a>(app: &App, s: &'a Session) -> ApiResult<tokio::sync::MutexGuard<'a, State>> {
-    let mut st = s.state.lock().await;
+/// Locks a session for one request, refusing closed ones.
+async fn lock<'a>(s: &'a Session) -> ApiResult<tokio::sync::MutexGuard<'a, State>> {
+    let st = s.state.lock().await;
     if st.closed {
         return Err(ApiError::BlobUploadUnknown);
-    }
-    if st.streaming {
-        close(app, s, &mut st);
-        return Err(ApiError::BlobUploadInvalid(
-            "an earlier request on this upload was cut off mid-body; start the upload again".into(),
-        ));
     }
     Ok(st)
 }
 
-/// Ends a session; dropping its writer aborts the write.
-fn close(app: &App, s: &Session, st: &mut State) {
-    st.closed = true;
-    st.writer = None;
+/// Ends a session and aborts its write.
+async fn close(app: &App, s: &Session, st: &mut State) {
+    let held = st.discard();
     app.uploads.remove(&s.id);
+    abort_held(app, held.into_iter().collect()).await;
+}
+
+/// What to do with the bytes once a body is in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum After {
+    /// Make them durable (a PATCH: its 202 promises they survive a restart).
+    Checkpoint,
+    /// Nothing: a commit follows at once.
+    Commit,
 }
 
 /// Appends one request body to the session at its current offset, checking
 /// `Content-Range` (out of order: 416) and `Content-Length` against it.
-async fn append(app: &App, s: &Session, st: &mut State, req: Req) -> ApiResult<()> {
+/// A request refused before its body is read leaves the session as it was;
+/// a failure once the body streams ends the session (its byte count is no
+/// longer known).
+async fn append(
+    app: &App,
+    s: &Session,
+    st: &mut State,
+    req: Req,
+    after: After,
+    digest: Option<&Digest>,
+) -> ApiResult<()> {
+    let Some(want) = check_range(s, st, &req)? else {
+        return Ok(());
+    };
+    let r = stream_into(app, s, st, req, after, digest, want).await;
+    if r.is_err() {
+        close(app, s, st).await;
+    }
+    r
+}
+
+/// The body length the headers promise (`Some(None)`: unknown), or `None`
+/// when there is no body to read.
+fn check_range(s: &Session, st: &State, req: &Req) -> ApiResult<Option<Option<u64>>> {
     let range = header(req.headers(), "content-range")
         .map(parse_content_range)
         .transpose()?;
     let declared = header(req.headers(), "content-length").and_then(|v| v.parse::<u64>().ok());
-    let mut want = None;
-    if let Some((start, end)) = range {
-        if start != st.offset {
-            return Err(ApiError::UploadOutOfOrder {
-                offset: st.offset,
-                location: session_location(&s.repo, &s.id),
-            });
-        }
-        let n = end - start + 1;
-        if declared.is_some_and(|c| c != n) {
-            return Err(ApiError::SizeInvalid(format!(
-                "Content-Range covers {n} bytes, Content-Length says {}",
-                declared.unwrap_or(0)
-            )));
-        }
-        want = Some(n);
+    let Some((start, end)) = range else {
+        return Ok((declared != Some(0)).then_some(None));
+    };
+    if start != st.offset {
+        return Err(ApiError::UploadOutOfOrder {
+            offset: st.offset,
+            location: session_location(&s.repo, &s.id),
+        });
     }
-    if declared == Some(0) && range.is_none() {
-        return Ok(());
+    let n = end
+        .checked_sub(start)
+        .and_then(|n| n.checked_add(1))
+        .ok_or_else(|| ApiError::BlobUploadInvalid("bad Content-Range".into()))?;
+    if let Some(c) = declared.filter(|c| *c != n) {
+        return Err(ApiError::SizeInvalid(format!(
+            "Content-Range covers {n} bytes, Content-Length says {c}"
+        )));
     }
+    Ok(Some(Some(n)))
+}
+
+async fn stream_into(
+    app: &App,
+    s: &Session,
+    st: &mut State,
+    req: Req,
+    after: After,
+    digest: Option<&Digest>,
+    want: Option<u64>,
+) -> ApiResult<()> {
+    let _permit = stream_permit(app).await?;
     if st.writer.is_none() {
-        st.writer = Some(WriterTask::spawn(app.store().clone(), None)?);
+        let origin = match st.resume.take() {
+            Some(r) => Origin::Resume(r),
+            // Hash with the final digest's algorithm when it is known up front.
+            None => Origin::New(digest.filter(|_| st.offset == 0).cloned()),
+        };
+        st.writer = Some(WriterTask::spawn(app.store().clone(), origin, s.tag())?);
     }
-    st.streaming = true;
-    let before = st.offset;
     let Some(w) = st.writer.as_ref() else {
         return Err(ApiError::Internal("upload writer missing".into()));
     };
+    let guard = CutOffGuard::new(&app.uploads, &s.id, w);
     let mut body = req.into_body();
-    let result = async {
-        let n = pump(app, &mut body, w, before).await?;
-        if want.is_some_and(|w| w != n) {
-            return Err(ApiError::SizeInvalid(format!(
-                "Content-Range promised {} bytes, the body had {n}",
-                want.unwrap_or(0)
-            )));
-        }
-        w.sync().await
+    let n = pump(app, &mut body, w, st.offset).await?;
+    if let Some(want) = want.filter(|w| *w != n) {
+        return Err(ApiError::SizeInvalid(format!(
+            "Content-Range promised {want} bytes, the body had {n}"
+        )));
     }
-    .await;
-    match result {
-        Ok(size) => {
-            st.offset = size;
-            st.streaming = false;
-            s.touch(app.uploads.epoch());
-            Ok(())
-        }
-        Err(e) => {
-            close(app, s, st);
-            Err(e)
-        }
-    }
+    st.offset = match after {
+        After::Checkpoint => w.checkpoint().await?,
+        After::Commit => st.offset + n,
+    };
+    guard.disarm();
+    s.touch(app.uploads.epoch());
+    Ok(())
 }
 
 pub async fn patch(app: &Arc<App>, repo: RepoName, id: String, req: Req) -> ApiResult<Resp> {
     let s = app.uploads.get(&repo, &id)?;
-    let mut st = lock(app, &s).await?;
-    append(app, &s, &mut st, req).await?;
+    let mut st = lock(&s).await?;
+    append(app, &s, &mut st, req, After::Checkpoint, None).await?;
     let mut hs = session_headers(&repo, &id, st.offset);
     hs.push(("Content-Length", "0".into()));
     Ok(respond(202, &hs, Bytes::new()))
@@ -235,13 +293,18 @@ pub async fn finish(
     let d = parse_digest(query_get(q, "digest").ok_or_else(|| {
         ApiError::DigestInvalid("the digest query parameter is required".into())
     })?)?;
-    let mut st = lock(app, &s).await?;
-    append(app, &s, &mut st, req).await?;
+    let mut st = lock(&s).await?;
+    append(app, &s, &mut st, req, After::Commit, Some(&d)).await?;
+    let origin = match st.resume.take() {
+        Some(r) => Origin::Resume(r),
+        None => Origin::New(Some(d.clone())),
+    };
     let w = match st.writer.take() {
         Some(w) => w,
-        None => WriterTask::spawn(app.store().clone(), None)?,
+        None => WriterTask::spawn(app.store().clone(), origin, s.tag())?,
     };
-    close(app, &s, &mut st);
+    st.closed = true;
+    app.uploads.remove(&s.id);
     drop(st);
     commit_and_link(app, &repo, w, d.clone()).await?;
     Ok(created(&repo, &d))
@@ -249,7 +312,7 @@ pub async fn finish(
 
 pub async fn status(app: &Arc<App>, repo: RepoName, id: String) -> ApiResult<Resp> {
     let s = app.uploads.get(&repo, &id)?;
-    let st = lock(app, &s).await?;
+    let st = lock(&s).await?;
     let mut hs = session_headers(&repo, &id, st.offset);
     hs.push(("Content-Length", "0".into()));
     Ok(respond(204, &hs, Bytes::new()))
@@ -257,8 +320,8 @@ pub async fn status(app: &Arc<App>, repo: RepoName, id: String) -> ApiResult<Res
 
 pub async fn cancel(app: &Arc<App>, repo: RepoName, id: String) -> ApiResult<Resp> {
     let s = app.uploads.get(&repo, &id)?;
-    let mut st = lock(app, &s).await?;
-    close(app, &s, &mut st);
+    let mut st = lock(&s).await?;
+    close(app, &s, &mut st).await;
     Ok(respond(
         204,
         &[("Content-Length", "0".into())],
