@@ -48,6 +48,7 @@ impl Image {
             "architecture": "amd64", "os": "linux",
             "config": { "Labels": { "name": name } },
             "rootfs": { "type": "layers", "diff_ids": layers.iter().map(|l| digest(l)).collect::<Vec<_>>() },
+            "history": (0..layers.len()).map(|i| json!({ "created_by": format!("layer {i}") })).collect::<Vec<_>>(),
         });
         Image::new(serde_json::to_vec(&config).unwrap_or_default(), layers)
     }
@@ -140,6 +141,11 @@ pub fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
             std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("{e}"));
         }
         std::fs::write(&p, content).unwrap_or_else(|e| panic!("{e}"));
+        if content.starts_with(b"\x7fELF") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
     }
     let out = std::process::Command::new("tar")
         .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "-C"])

@@ -40,6 +40,28 @@ fn sample_image(name: &str) -> Image {
     Image::with_layers(name, vec![base, app])
 }
 
+/// A statically linked program that prints "hello from orlop" (gcc).
+fn static_hello(dir: &Path) -> Vec<u8> {
+    let src = dir.join("hello.c");
+    std::fs::write(
+        &src,
+        "#include <unistd.h>\nint main(void){write(1,\"hello from orlop\\n\",17);return 0;}\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let bin = dir.join("hello");
+    run(
+        "gcc",
+        &[
+            "-static",
+            "-Os",
+            "-o",
+            &bin.display().to_string(),
+            &src.display().to_string(),
+        ],
+    );
+    std::fs::read(&bin).unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn blob_file(layout: &Path, d: &str) -> Vec<u8> {
     std::fs::read(layout.join("blobs/sha256").join(&d["sha256:".len()..]))
         .unwrap_or_else(|e| panic!("blob {d} missing from the pulled layout: {e}"))
@@ -259,7 +281,9 @@ fn docker_engine_pushes_and_pulls() {
     let reg = Registry::start(&dir.path().join("data"), &[]);
     let host = reg.host();
     let tag = format!("{host}/docker/app:{}", std::process::id());
+    let hello = static_hello(dir.path());
     let rootfs = tar_gz(&[
+        ("hello", &hello),
         ("hello.txt", b"hello from docker\n"),
         ("data/blob", &noise(8, 200_000)),
     ]);
@@ -294,6 +318,12 @@ fn docker_engine_pushes_and_pulls() {
         "push output names the digest: {pushed}"
     );
     assert!(id.trim().ends_with(&d), "{id} vs {d}");
+    // The pulled image runs.
+    let said = run(
+        "docker",
+        &["run", "--rm", "--network", "none", &tag, "/hello"],
+    );
+    assert_eq!(said, "hello from orlop\n");
     // The file comes back out of the pulled image.
     let cid = run("docker", &["create", &tag, "/nothing"]);
     let out = dir.path().join("hello.txt");
@@ -311,5 +341,100 @@ fn docker_engine_pushes_and_pulls() {
         std::fs::read(&out).unwrap_or_default(),
         b"hello from docker\n"
     );
+    reg.stop_and_fsck();
+}
+
+#[test]
+fn buildah_and_podman_build_from_an_orlop_image() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let reg = Registry::start(&dir.path().join("data"), &[]);
+    let host = reg.host();
+    let base = sample_image("base");
+    push_image(&reg.client(), "base/app", "v1", &base);
+    let base_ref = format!("{host}/base/app:v1");
+    let root = dir.path().join("root").display().to_string();
+    let runroot = dir.path().join("run").display().to_string();
+    let storage = [
+        "--root",
+        root.as_str(),
+        "--runroot",
+        runroot.as_str(),
+        "--storage-driver",
+        "vfs",
+    ];
+    let tool = |cmd: &str, args: &[&str]| {
+        let mut all: Vec<&str> = storage.to_vec();
+        all.extend_from_slice(args);
+        run(cmd, &all)
+    };
+
+    // buildah: from, copy, commit, push.
+    let ctx = dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(ctx.join("added.txt"), b"added by a build\n").unwrap_or_else(|e| panic!("{e}"));
+    let ctr = tool("buildah", &["from", "--tls-verify=false", &base_ref]);
+    let ctr = ctr.trim();
+    tool(
+        "buildah",
+        &[
+            "copy",
+            ctr,
+            &ctx.join("added.txt").display().to_string(),
+            "/added.txt",
+        ],
+    );
+    let built = format!("{host}/buildah/app:v1");
+    tool("buildah", &["commit", ctr, &built]);
+    tool("buildah", &["push", "--tls-verify=false", &built]);
+    tool("buildah", &["rm", ctr]);
+
+    // podman build FROM the base image in Orlop, then push.
+    std::fs::write(
+        ctx.join("Containerfile"),
+        format!("FROM {base_ref}\nCOPY added.txt /added.txt\nLABEL built=podman\n"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let podman_built = format!("{host}/podman/built:v1");
+    tool(
+        "podman",
+        &[
+            "build",
+            "--tls-verify=false",
+            "-t",
+            &podman_built,
+            &ctx.display().to_string(),
+        ],
+    );
+    tool("podman", &["push", "--tls-verify=false", &podman_built]);
+
+    // Both images are the base's layers plus one new layer, and every blob
+    // reads back with the digest its manifest names.
+    let c = reg.client();
+    for (repo, tag) in [("buildah/app", "v1"), ("podman/built", "v1")] {
+        let r = c.req(
+            "GET",
+            &format!("/v2/{repo}/manifests/{tag}"),
+            &[
+                ("accept", OCI_MANIFEST),
+                (
+                    "accept",
+                    "application/vnd.docker.distribution.manifest.v2+json",
+                ),
+            ],
+            b"",
+        );
+        assert_eq!(r.status, 200, "{repo}");
+        let m = r.json();
+        let layers = m["layers"].as_array().cloned().unwrap_or_default();
+        assert_eq!(layers.len(), base.layers.len() + 1, "{repo}: {m}");
+        for l in layers.iter().chain(std::iter::once(&m["config"])) {
+            let d = l["digest"].as_str().unwrap_or_default();
+            let body = c.get(&format!("/v2/{repo}/blobs/{d}")).body;
+            assert_eq!(digest(&body), d, "{repo}");
+        }
+    }
+    // Pull the buildah image back with podman.
+    tool("podman", &["rmi", "--all", "--force"]);
+    tool("podman", &["pull", "--tls-verify=false", &built]);
     reg.stop_and_fsck();
 }
