@@ -56,6 +56,19 @@ impl Registry {
         }
     }
 
+    /// Peak resident memory of the server process so far (VmHWM), in bytes.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    }
+
     pub fn client(&self) -> Client {
         Client::new(self.addr)
     }
@@ -150,6 +163,57 @@ impl Body for Pieces {
     }
 }
 
+/// A body of `len` deterministic pseudo-random bytes made as it is sent
+/// (chunked encoding), so a test can push gigabytes without holding them.
+pub struct Generated {
+    rng: rand::rngs::SmallRng,
+    left: u64,
+}
+
+impl Generated {
+    pub fn new(seed: u64, len: u64) -> Self {
+        use rand::SeedableRng;
+        Generated {
+            rng: rand::rngs::SmallRng::seed_from_u64(seed),
+            left: len,
+        }
+    }
+
+    /// The SHA-256 digest of the bytes `Generated::new(seed, len)` sends.
+    pub fn digest(seed: u64, len: u64) -> String {
+        use sha2::Digest as _;
+        let mut g = Generated::new(seed, len);
+        let mut h = sha2::Sha256::new();
+        while let Some(b) = g.next_piece() {
+            h.update(&b);
+        }
+        format!("sha256:{}", hex::encode(h.finalize()))
+    }
+
+    fn next_piece(&mut self) -> Option<Bytes> {
+        use rand::RngCore;
+        if self.left == 0 {
+            return None;
+        }
+        let n = self.left.min(256 * 1024) as usize;
+        let mut b = vec![0u8; n];
+        self.rng.fill_bytes(&mut b);
+        self.left -= n as u64;
+        Some(Bytes::from(b))
+    }
+}
+
+impl Body for Generated {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.next_piece().map(|b| Ok(Frame::data(b))))
+    }
+}
+
 /// One connection per request, on a private single-threaded runtime.
 pub struct Client {
     addr: SocketAddr,
@@ -188,6 +252,11 @@ impl Client {
     ) -> Resp {
         let body = Pieces(pieces.into_iter().map(Bytes::from).collect());
         self.send(method, path, headers, body)
+    }
+
+    /// Sends a generated body (chunked encoding).
+    pub fn req_generated(&self, method: &str, path: &str, body: Generated) -> Resp {
+        self.send(method, path, &[], body)
     }
 
     fn send<B>(&self, method: &str, path: &str, headers: &[(&str, &str)], body: B) -> Resp

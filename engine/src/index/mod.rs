@@ -45,6 +45,9 @@ pub const META_NEXT_RECIPE: &[u8] = b"next_recipe_id";
 
 /// RocksDB's shared block cache.
 const BLOCK_CACHE_BYTES: usize = 64 << 20;
+/// All column families' memtables together (RocksDB's default is 64 MiB
+/// per column family, which long pushes into many families would reach).
+const MEMTABLES_BYTES_MAX: usize = 64 << 20;
 
 pub struct Index {
     db: DB,
@@ -79,6 +82,7 @@ impl Index {
         opts.create_missing_column_families(!read_only);
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(4);
+        opts.set_db_write_buffer_size(MEMTABLES_BYTES_MAX);
         let descs = ENGINE_CFS
             .iter()
             .map(|n| {
