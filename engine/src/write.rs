@@ -514,6 +514,11 @@ struct CutStage<'a> {
     level: i32,
     batch: Vec<Bytes>,
     atx: Sender<AppendMsg>,
+    /// Some of this write's staged placements were made durable (by a
+    /// checkpoint, now or before a restart). Such a placement must never be
+    /// replaced by one that is not yet durable, so from then on a chunk
+    /// already staged for this write is not staged again.
+    held: bool,
 }
 
 impl<'a> CutStage<'a> {
@@ -545,6 +550,7 @@ impl<'a> CutStage<'a> {
             level: inner.cfg.zstd_level,
             batch: Vec::with_capacity(CUT_BATCH_CHUNKS),
             atx,
+            held: from.parts > 0,
         })
     }
 
@@ -583,7 +589,17 @@ impl<'a> CutStage<'a> {
             .send(AppendMsg::Barrier(btx))
             .map_err(|_| Error::ShuttingDown)?;
         brx.recv().map_err(|_| Error::ShuttingDown)??;
+        self.held = true;
         Ok(self.sum)
+    }
+
+    /// Whether this write already has a placement staged for `id`.
+    fn staged_here(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self
+            .inner
+            .index
+            .get(CF_STAGED, &staged_key(self.recipe, id))?
+            .is_some())
     }
 
     fn push(&mut self, chunk: Bytes) -> Result<()> {
@@ -601,7 +617,9 @@ impl<'a> CutStage<'a> {
         let mut named = Vec::with_capacity(self.batch.len());
         for chunk in std::mem::take(&mut self.batch) {
             let id = inner.chunk_id(&chunk);
-            let is_new = inner.index.chunk(&id)?.is_none() && !self.sent.contains(&id);
+            let is_new = inner.index.chunk(&id)?.is_none()
+                && !self.sent.contains(&id)
+                && !(self.held && self.staged_here(&id)?);
             let compress = is_new && looks_compressible(&chunk);
             named.push((chunk, id, is_new, compress));
         }

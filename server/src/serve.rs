@@ -213,6 +213,7 @@ async fn serve<F: Future<Output = ()>>(app: Arc<App>, listener: TcpListener, sto
     }
     drop(listener);
     expiry.abort();
+    app.uploads.begin_shutdown();
     let _ = stop_tx.send(true);
     let grace = Duration::from_secs(cfg.shutdown_grace_secs);
     let drained =

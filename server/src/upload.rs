@@ -174,10 +174,23 @@ fn writer_thread(
                         }
                         Ok(w.commit()?)
                     })(),
-                    _ => Err(take_err(&mut failed)),
+                    (w, _) => {
+                        // The session ends here: a held write that could not
+                        // be resumed (or failed) is discarded.
+                        match (w, resumed) {
+                            (Some(w), _) => w.abort(),
+                            (None, Some(r)) => {
+                                if let Err(e) = store.abort_held(r) {
+                                    tracing::warn!(error = %e, "could not abort a held upload");
+                                }
+                            }
+                            (None, None) => {}
+                        }
+                        Err(take_err(&mut failed))
+                    }
                 };
                 let _ = reply.send(r);
-                // Committed, or discarded by the failed commit: nothing is left.
+                // Committed, or discarded: nothing is left to clean up.
                 return;
             }
         }
@@ -225,6 +238,9 @@ pub struct Session {
     pub repo: RepoName,
     pub state: tokio::sync::Mutex<State>,
     last_used: AtomicU64,
+    /// Set when a request was cut off mid-body: requests already waiting
+    /// for the state must not go on with it.
+    broken: AtomicBool,
 }
 
 impl Session {
@@ -236,11 +252,18 @@ impl Session {
     pub fn tag(&self) -> Vec<u8> {
         session_tag(&self.repo, &self.id)
     }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
 }
 
 /// Every open session, bounded in number.
 pub struct Uploads {
     sessions: Mutex<HashMap<String, Arc<Session>>>,
+    /// Set when the server starts shutting down: requests cut off from then
+    /// on keep their session's last checkpoint.
+    shutting_down: AtomicBool,
     sessions_max: usize,
     epoch: Instant,
     rng: ring::rand::SystemRandom,
@@ -250,6 +273,7 @@ impl Uploads {
     pub fn new(sessions_max: usize) -> Self {
         Uploads {
             sessions: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
             sessions_max,
             epoch: Instant::now(),
             rng: ring::rand::SystemRandom::new(),
@@ -274,6 +298,7 @@ impl Uploads {
             repo: repo.clone(),
             state: tokio::sync::Mutex::new(state),
             last_used: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
         });
         s.touch(self.epoch);
         self.map().insert(s.id.clone(), s.clone());
@@ -363,6 +388,11 @@ impl Uploads {
         (n, held)
     }
 
+    /// Marks the start of a shutdown (see [`CutOffGuard`]).
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
     /// At shutdown: drops every session without aborting its write, so that
     /// checkpointed uploads resume after the restart.
     pub fn detach_all(&self) {
@@ -377,17 +407,19 @@ impl Uploads {
 
 /// Removes and aborts a session if the request streaming into it is cut
 /// off (its future dropped mid-body): the bytes it holds are then unknown.
+/// During a shutdown it does nothing: the writer is detached with the rest,
+/// and the session resumes from its last checkpoint after the restart.
 pub struct CutOffGuard<'a> {
     uploads: &'a Uploads,
-    id: String,
+    session: &'a Session,
     discard: Option<Arc<AtomicBool>>,
 }
 
 impl<'a> CutOffGuard<'a> {
-    pub fn new(uploads: &'a Uploads, id: &str, w: &WriterTask) -> Self {
+    pub fn new(uploads: &'a Uploads, session: &'a Session, w: &WriterTask) -> Self {
         CutOffGuard {
             uploads,
-            id: id.to_string(),
+            session,
             discard: Some(w.discard_flag()),
         }
     }
@@ -400,8 +432,12 @@ impl<'a> CutOffGuard<'a> {
 impl Drop for CutOffGuard<'_> {
     fn drop(&mut self) {
         if let Some(d) = self.discard.take() {
+            if self.uploads.shutting_down.load(Ordering::Relaxed) {
+                return;
+            }
             d.store(true, Ordering::Relaxed);
-            self.uploads.remove(&self.id);
+            self.session.broken.store(true, Ordering::Relaxed);
+            self.uploads.remove(&self.session.id);
         }
     }
 }

@@ -32,7 +32,9 @@ fn sixty_four_concurrent_pushes_stay_bounded() {
     let digests: Vec<String> = if shared {
         vec![Generated::digest(7, len); CLIENTS as usize]
     } else {
-        (0..CLIENTS).map(|i| Generated::digest(seed_of(i), len)).collect()
+        (0..CLIENTS)
+            .map(|i| Generated::digest(seed_of(i), len))
+            .collect()
     };
     let started = std::time::Instant::now();
     std::thread::scope(|s| {
@@ -40,12 +42,27 @@ fn sixty_four_concurrent_pushes_stay_bounded() {
             s.spawn(move || {
                 let c = Client::new(addr);
                 let r = c.req("POST", "/v2/mem/blobs/uploads/", &[], b"");
-                assert_eq!(r.status, 202, "client {i}: {}", String::from_utf8_lossy(&r.body));
+                assert_eq!(
+                    r.status,
+                    202,
+                    "client {i}: {}",
+                    String::from_utf8_lossy(&r.body)
+                );
                 let loc = r.header("location").unwrap_or_default();
                 let r = c.req_generated("PATCH", &loc, Generated::new(seed_of(i as u64), len));
-                assert_eq!(r.status, 202, "client {i}: {}", String::from_utf8_lossy(&r.body));
+                assert_eq!(
+                    r.status,
+                    202,
+                    "client {i}: {}",
+                    String::from_utf8_lossy(&r.body)
+                );
                 let r = c.req("PUT", &format!("{loc}?digest={d}"), &[], b"");
-                assert_eq!(r.status, 201, "client {i}: {}", String::from_utf8_lossy(&r.body));
+                assert_eq!(
+                    r.status,
+                    201,
+                    "client {i}: {}",
+                    String::from_utf8_lossy(&r.body)
+                );
             });
         }
     });

@@ -438,10 +438,21 @@ fn indexes_referrers_and_negotiation() {
         put_manifest(&c, "multi", "bad", OCI_INDEX, &bad).error_code(),
         "MANIFEST_BLOB_UNKNOWN"
     );
+    // `latest` first names the amd64 image, then moves to the index that
+    // lists it: the image's row changes twice in one transaction.
+    let r = put_manifest(&c, "multi", "latest", OCI_MANIFEST, &amd.manifest);
+    assert_eq!(r.status, 201);
     assert_eq!(
         put_manifest(&c, "multi", "latest", OCI_INDEX, &index).status,
         201
     );
+    let r = c.req(
+        "DELETE",
+        &format!("/v2/multi/manifests/{}", amd.digest()),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 409, "the index still lists it");
 
     // Negotiation: an index when accepted, else the linux/amd64 image.
     let r = c.req(

@@ -202,7 +202,12 @@ impl Index {
                 cf: CF_HELD,
                 reason: "bad key".into(),
             })?;
-            out.push((RecipeId(id), HeldEntry::decode(&v)?));
+            match HeldEntry::decode(&v) {
+                Ok(h) => out.push((RecipeId(id), h)),
+                // Damage to one entry must not block the store: the write
+                // it named cannot be resumed and is discarded at open.
+                Err(e) => tracing::error!(recipe = id, error = %e, "ignoring a damaged held entry"),
+            }
         }
         Ok(out)
     }

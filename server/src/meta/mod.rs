@@ -179,18 +179,12 @@ impl Registry {
         m: &NewManifest,
         tag: Option<&Tag>,
     ) -> ApiResult<()> {
-        let mkey = rkey(repo, &m.digest.to_key());
         self.retry(|| {
             let mut t = Txn::new();
-            let cur = self.get(CF_MANIFESTS, &mkey)?;
-            let mut row = match &cur {
-                Some(v) => self.decode_manifest(repo, &m.digest, v)?,
-                None => {
-                    self.add_manifest_rows(&mut t, repo, m)?;
-                    m.meta.clone()
-                }
-            };
-            t.expect(CF_MANIFESTS, mkey.clone(), cur.clone());
+            let mut rows = Rows::new(self, repo);
+            if rows.get(&m.digest)?.is_none() {
+                self.add_manifest_rows(&mut t, &mut rows, repo, m)?;
+            }
             if let Some(tag) = tag {
                 let tkey = rkey(repo, tag.as_str().as_bytes());
                 let tcur = self.get(CF_TAGS, &tkey)?;
@@ -199,20 +193,18 @@ impl Registry {
                     t.expect(CF_TAGS, tkey.clone(), tcur);
                     t.put(CF_TAGS, tkey, m.digest.to_key());
                     t.add_ref(&m.digest);
-                    row.tags = row.tags.saturating_add(1);
+                    if let Some(row) = rows.get(&m.digest)? {
+                        row.tags = row.tags.saturating_add(1);
+                    }
                     if let Some(old) = old {
                         t.drop_ref(&old);
-                        self.adjust_tags(&mut t, repo, &old)?;
+                        if let Some(row) = rows.get(&old)? {
+                            row.tags = row.tags.saturating_sub(1);
+                        }
                     }
                 }
             }
-            let unchanged = match &cur {
-                Some(v) => self.decode_manifest(repo, &m.digest, v)?.tags == row.tags,
-                None => false,
-            };
-            if !unchanged {
-                t.put(CF_MANIFESTS, mkey.clone(), row.encode());
-            }
+            rows.write(&mut t);
             self.ensure_repo(&mut t, repo)?;
             Ok(Some(t))
         })
@@ -223,22 +215,15 @@ impl Registry {
             .ok_or_else(|| ApiError::Damaged(format!("manifest row of {repo}@{d}")))
     }
 
-    /// Counts one tag fewer on manifest `d` (a tag moved away or was deleted).
-    fn adjust_tags(&self, t: &mut Txn, repo: &RepoName, d: &Digest) -> ApiResult<()> {
-        let key = rkey(repo, &d.to_key());
-        let Some(cur) = self.get(CF_MANIFESTS, &key)? else {
-            return Ok(());
-        };
-        let mut row = self.decode_manifest(repo, d, &cur)?;
-        row.tags = row.tags.saturating_sub(1);
-        t.expect(CF_MANIFESTS, key.clone(), Some(cur));
-        t.put(CF_MANIFESTS, key, row.encode());
-        Ok(())
-    }
-
-    /// The references and rows a new manifest adds (its own row is written
-    /// by the caller).
-    fn add_manifest_rows(&self, t: &mut Txn, repo: &RepoName, m: &NewManifest) -> ApiResult<()> {
+    /// The references and rows a new manifest adds.
+    fn add_manifest_rows(
+        &self,
+        t: &mut Txn,
+        rows: &mut Rows<'_>,
+        repo: &RepoName,
+        m: &NewManifest,
+    ) -> ApiResult<()> {
+        rows.create(&m.digest, m.meta.clone());
         t.add_ref(&m.digest);
         for (d, size) in &m.blob_sizes {
             let stored = self
@@ -265,15 +250,8 @@ impl Registry {
             t.add_ref(d);
         }
         for (d, size) in &m.child_sizes {
-            let ckey = rkey(repo, &d.to_key());
-            let cur = self.get(CF_MANIFESTS, &ckey)?;
-            let mut child = cur
-                .as_deref()
-                .map(|v| {
-                    ManifestMeta::decode(v)
-                        .ok_or_else(|| ApiError::Damaged(format!("manifest row of {repo}@{d}")))
-                })
-                .transpose()?
+            let child = rows
+                .get(d)?
                 .ok_or_else(|| ApiError::ManifestBlobUnknown(d.clone()))?;
             if child.size != *size {
                 return Err(ApiError::ManifestInvalid(format!(
@@ -282,8 +260,6 @@ impl Registry {
                 )));
             }
             child.parents = child.parents.saturating_add(1);
-            t.expect(CF_MANIFESTS, ckey.clone(), cur);
-            t.put(CF_MANIFESTS, ckey, child.encode());
             t.put(
                 CF_CHILDREN,
                 rkey(repo, &cat(&d.to_key(), &m.digest.to_key())),
@@ -396,7 +372,11 @@ impl Registry {
             t.expect(CF_TAGS, tkey.clone(), Some(cur));
             t.delete(CF_TAGS, tkey.clone());
             t.drop_ref(&d);
-            self.adjust_tags(&mut t, repo, &d)?;
+            let mut rows = Rows::new(self, repo);
+            if let Some(row) = rows.get(&d)? {
+                row.tags = row.tags.saturating_sub(1);
+            }
+            rows.write(&mut t);
             Ok(Some(t))
         })?;
         Ok(found)
@@ -517,6 +497,55 @@ impl Registry {
             after = Some(last.clone());
             for (k, v) in &page {
                 f(k, v);
+            }
+        }
+    }
+}
+
+/// The manifest rows one transaction changes. Each is read once, changed in
+/// memory however many times, and written once with a precondition on the
+/// value it was read with, so two changes to one row (a tag moving from a
+/// manifest to an index that lists it) both land.
+struct Rows<'a> {
+    reg: &'a Registry,
+    repo: &'a RepoName,
+    /// digest -> (value read, row now; `None` when the row does not exist).
+    rows: BTreeMap<Digest, (Option<Vec<u8>>, Option<ManifestMeta>)>,
+}
+
+impl<'a> Rows<'a> {
+    fn new(reg: &'a Registry, repo: &'a RepoName) -> Self {
+        Rows {
+            reg,
+            repo,
+            rows: BTreeMap::new(),
+        }
+    }
+
+    fn get(&mut self, d: &Digest) -> ApiResult<Option<&mut ManifestMeta>> {
+        if !self.rows.contains_key(d) {
+            let cur = self.reg.get(CF_MANIFESTS, &rkey(self.repo, &d.to_key()))?;
+            let row = cur
+                .as_deref()
+                .map(|v| self.reg.decode_manifest(self.repo, d, v))
+                .transpose()?;
+            self.rows.insert(d.clone(), (cur, row));
+        }
+        Ok(self.rows.get_mut(d).and_then(|(_, row)| row.as_mut()))
+    }
+
+    /// A row that does not exist yet (the caller found it absent).
+    fn create(&mut self, d: &Digest, row: ManifestMeta) {
+        let read = self.rows.remove(d).and_then(|(v, _)| v);
+        self.rows.insert(d.clone(), (read, Some(row)));
+    }
+
+    fn write(self, t: &mut Txn) {
+        for (d, (read, row)) in self.rows {
+            let key = rkey(self.repo, &d.to_key());
+            t.expect(CF_MANIFESTS, key.clone(), read);
+            if let Some(row) = row {
+                t.put(CF_MANIFESTS, key, row.encode());
             }
         }
     }

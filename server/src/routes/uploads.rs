@@ -162,7 +162,7 @@ async fn try_mount(
 /// Locks a session for one request, refusing closed ones.
 async fn lock<'a>(s: &'a Session) -> ApiResult<tokio::sync::MutexGuard<'a, State>> {
     let st = s.state.lock().await;
-    if st.closed {
+    if st.closed || s.is_broken() {
         return Err(ApiError::BlobUploadUnknown);
     }
     Ok(st)
@@ -246,17 +246,18 @@ async fn stream_into(
 ) -> ApiResult<()> {
     let _permit = stream_permit(app).await?;
     if st.writer.is_none() {
-        let origin = match st.resume.take() {
+        let origin = match st.resume {
             Some(r) => Origin::Resume(r),
             // Hash with the final digest's algorithm when it is known up front.
             None => Origin::New(digest.filter(|_| st.offset == 0).cloned()),
         };
         st.writer = Some(WriterTask::spawn(app.store().clone(), origin, s.tag())?);
+        st.resume = None;
     }
     let Some(w) = st.writer.as_ref() else {
         return Err(ApiError::Internal("upload writer missing".into()));
     };
-    let guard = CutOffGuard::new(&app.uploads, &s.id, w);
+    let guard = CutOffGuard::new(&app.uploads, s, w);
     let mut body = req.into_body();
     let n = pump(app, &mut body, w, st.offset).await?;
     if let Some(want) = want.filter(|w| *w != n) {
@@ -295,13 +296,17 @@ pub async fn finish(
     })?)?;
     let mut st = lock(&s).await?;
     append(app, &s, &mut st, req, After::Commit, Some(&d)).await?;
-    let origin = match st.resume.take() {
-        Some(r) => Origin::Resume(r),
-        None => Origin::New(Some(d.clone())),
-    };
     let w = match st.writer.take() {
         Some(w) => w,
-        None => WriterTask::spawn(app.store().clone(), origin, s.tag())?,
+        None => {
+            let origin = match st.resume {
+                Some(r) => Origin::Resume(r),
+                None => Origin::New(Some(d.clone())),
+            };
+            let w = WriterTask::spawn(app.store().clone(), origin, s.tag())?;
+            st.resume = None;
+            w
+        }
     };
     st.closed = true;
     app.uploads.remove(&s.id);
