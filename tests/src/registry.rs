@@ -5,7 +5,6 @@ use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -149,17 +148,18 @@ impl Resp {
     }
 }
 
-/// A body sent in pieces with no declared length (chunked encoding).
-struct Pieces(VecDeque<Bytes>);
+/// A body sent piece by piece, as an iterator yields them, with no declared
+/// length (chunked encoding).
+pub struct PieceBody<I>(I);
 
-impl Body for Pieces {
+impl<I: Iterator<Item = Bytes> + Unpin> Body for PieceBody<I> {
     type Data = Bytes;
     type Error = Infallible;
     fn poll_frame(
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        Poll::Ready(self.0.next().map(|b| Ok(Frame::data(b))))
     }
 }
 
@@ -203,14 +203,10 @@ impl Generated {
     }
 }
 
-impl Body for Generated {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.next_piece().map(|b| Ok(Frame::data(b))))
+impl Iterator for Generated {
+    type Item = Bytes;
+    fn next(&mut self) -> Option<Bytes> {
+        self.next_piece()
     }
 }
 
@@ -250,13 +246,13 @@ impl Client {
         headers: &[(&str, &str)],
         pieces: Vec<Vec<u8>>,
     ) -> Resp {
-        let body = Pieces(pieces.into_iter().map(Bytes::from).collect());
+        let body = PieceBody(pieces.into_iter().map(Bytes::from));
         self.send(method, path, headers, body)
     }
 
     /// Sends a generated body (chunked encoding).
     pub fn req_generated(&self, method: &str, path: &str, body: Generated) -> Resp {
-        self.send(method, path, &[], body)
+        self.send(method, path, &[], PieceBody(body))
     }
 
     fn send<B>(&self, method: &str, path: &str, headers: &[(&str, &str)], body: B) -> Resp

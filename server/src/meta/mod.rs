@@ -215,6 +215,22 @@ impl Registry {
             .ok_or_else(|| ApiError::Damaged(format!("manifest row of {repo}@{d}")))
     }
 
+    /// A blob a manifest names must be stored, with the size its
+    /// descriptor gives (schema 1 gives none).
+    pub fn check_blob(&self, d: &Digest, size: Option<u64>) -> ApiResult<()> {
+        let stored = self
+            .store
+            .stat(d)?
+            .ok_or_else(|| ApiError::ManifestBlobUnknown(d.clone()))?;
+        match size.filter(|s| *s != stored.size) {
+            Some(size) => Err(ApiError::ManifestInvalid(format!(
+                "descriptor of {d} says {size} bytes, the blob has {}",
+                stored.size
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The references and rows a new manifest adds.
     fn add_manifest_rows(
         &self,
@@ -226,16 +242,7 @@ impl Registry {
         rows.create(&m.digest, m.meta.clone());
         t.add_ref(&m.digest);
         for (d, size) in &m.blob_sizes {
-            let stored = self
-                .store
-                .stat(d)?
-                .ok_or_else(|| ApiError::ManifestBlobUnknown(d.clone()))?;
-            if let Some(size) = size.filter(|s| *s != stored.size) {
-                return Err(ApiError::ManifestInvalid(format!(
-                    "descriptor of {d} says {size} bytes, the blob has {}",
-                    stored.size
-                )));
-            }
+            self.check_blob(d, *size)?;
             let lkey = rkey(repo, &d.to_key());
             match self.get(CF_LINKS, &lkey)? {
                 // Keep the link in place until this manifest holds its own reference.
@@ -250,15 +257,8 @@ impl Registry {
             t.add_ref(d);
         }
         for (d, size) in &m.child_sizes {
-            let child = rows
-                .get(d)?
-                .ok_or_else(|| ApiError::ManifestBlobUnknown(d.clone()))?;
-            if child.size != *size {
-                return Err(ApiError::ManifestInvalid(format!(
-                    "descriptor of child manifest {d} says {size} bytes, it has {}",
-                    child.size
-                )));
-            }
+            let child = rows.get(d)?;
+            let child = check_child(child, d, *size)?;
             child.parents = child.parents.saturating_add(1);
             t.put(
                 CF_CHILDREN,
@@ -500,6 +500,23 @@ impl Registry {
             }
         }
     }
+}
+
+/// A child manifest an index names must be in the repository, with the size
+/// its descriptor gives.
+pub fn check_child<'m>(
+    child: Option<&'m mut ManifestMeta>,
+    d: &Digest,
+    size: u64,
+) -> ApiResult<&'m mut ManifestMeta> {
+    let child = child.ok_or_else(|| ApiError::ManifestBlobUnknown(d.clone()))?;
+    if child.size != size {
+        return Err(ApiError::ManifestInvalid(format!(
+            "descriptor of child manifest {d} says {size} bytes, it has {}",
+            child.size
+        )));
+    }
+    Ok(child)
 }
 
 /// The manifest rows one transaction changes. Each is read once, changed in

@@ -6,7 +6,7 @@ use crate::app::{blocking, App, Req};
 use crate::error::{ApiError, ApiResult};
 use crate::http::{header, read_body, respond, Resp};
 use crate::manifest::{self, Kind};
-use crate::meta::{now_unix_ms, ManifestMeta, NewManifest, Registry};
+use crate::meta::{check_child, now_unix_ms, ManifestMeta, NewManifest, Registry};
 use crate::names::{Reference, RepoName};
 use bytes::Bytes;
 use http::HeaderMap;
@@ -96,27 +96,10 @@ fn precheck(reg: &Registry, repo: &RepoName, nm: &NewManifest) -> ApiResult<()> 
         return Ok(());
     }
     for (d, size) in &nm.blob_sizes {
-        let stored = reg
-            .store()
-            .stat(d)?
-            .ok_or_else(|| ApiError::ManifestBlobUnknown(d.clone()))?;
-        if let Some(size) = size.filter(|s| *s != stored.size) {
-            return Err(ApiError::ManifestInvalid(format!(
-                "descriptor of {d} says {size} bytes, the blob has {}",
-                stored.size
-            )));
-        }
+        reg.check_blob(d, *size)?;
     }
     for (d, size) in &nm.child_sizes {
-        let child = reg
-            .manifest(repo, d)?
-            .ok_or_else(|| ApiError::ManifestBlobUnknown(d.clone()))?;
-        if child.size != *size {
-            return Err(ApiError::ManifestInvalid(format!(
-                "descriptor of child manifest {d} says {size} bytes, it has {}",
-                child.size
-            )));
-        }
+        check_child(reg.manifest(repo, d)?.as_mut(), d, *size)?;
     }
     Ok(())
 }
