@@ -47,7 +47,7 @@ impl Image {
         let config = json!({
             "architecture": "amd64", "os": "linux",
             "config": { "Labels": { "name": name } },
-            "rootfs": { "type": "layers", "diff_ids": layers.iter().map(|l| digest(l)).collect::<Vec<_>>() },
+            "rootfs": { "type": "layers", "diff_ids": layers.iter().map(|l| diff_id(l)).collect::<Vec<_>>() },
             "history": (0..layers.len()).map(|i| json!({ "created_by": format!("layer {i}") })).collect::<Vec<_>>(),
         });
         Image::new(serde_json::to_vec(&config).unwrap_or_default(), layers)
@@ -60,6 +60,30 @@ impl Image {
     pub fn blobs(&self) -> impl Iterator<Item = &Vec<u8>> {
         std::iter::once(&self.config).chain(self.layers.iter())
     }
+}
+
+/// The digest of a layer's uncompressed content (gzip layers are
+/// decompressed with gzip(1)); clients that unpack layers check it.
+pub fn diff_id(layer: &[u8]) -> String {
+    if !layer.starts_with(&[0x1f, 0x8b]) {
+        return digest(layer);
+    }
+    use std::io::Write;
+    let mut child = std::process::Command::new("gzip")
+        .arg("-dc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("gzip: {e}"));
+    let mut stdin = child.stdin.take().unwrap_or_else(|| panic!("gzip stdin"));
+    let input = layer.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("gzip: {e}"));
+    let _ = feeder.join();
+    assert!(out.status.success(), "gzip -dc failed");
+    digest(&out.stdout)
 }
 
 /// Uploads a blob in one request (`POST ?digest=`); asserts 201.

@@ -1,5 +1,6 @@
-//! Real clients against a real `orlop serve`: skopeo, podman and the Docker
-//! engine push and pull, and every byte that comes back is checked. CI
+//! Real clients against a real `orlop serve`: skopeo, podman, buildah,
+//! containerd (`ctr`) and the Docker engine push and pull, and every byte
+//! that comes back is checked. CI
 //! (`.ci/run`) installs skopeo and podman and starts dockerd; a missing tool
 //! fails the test rather than skipping it.
 
@@ -436,5 +437,56 @@ fn buildah_and_podman_build_from_an_orlop_image() {
     // Pull the buildah image back with podman.
     tool("podman", &["rmi", "--all", "--force"]);
     tool("podman", &["pull", "--tls-verify=false", &built]);
+    reg.stop_and_fsck();
+}
+
+/// containerd's socket: the system one, or the one dockerd runs.
+fn containerd_socket() -> String {
+    [
+        "/run/containerd/containerd.sock",
+        "/var/run/docker/containerd/containerd.sock",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .unwrap_or_else(|| panic!("no containerd socket (CI starts dockerd, which runs one)"))
+    .to_string()
+}
+
+#[test]
+fn containerd_pulls_unpacks_and_pushes() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let reg = Registry::start(&dir.path().join("data"), &[]);
+    let host = reg.host();
+    let img = sample_image("containerd");
+    push_image(&reg.client(), "seed/ctr", "v1", &img);
+    let sock = containerd_socket();
+    let ns = format!("orlop-test-{}", std::process::id());
+    let ctr = |args: &[&str]| {
+        let mut all = vec!["--address", sock.as_str(), "-n", ns.as_str()];
+        all.extend_from_slice(args);
+        run("ctr", &all)
+    };
+    let seed = format!("{host}/seed/ctr:v1");
+    let pushed = format!("{host}/ctr/app:v1");
+    // Pull (with unpack: containerd checks every layer against its diff id).
+    ctr(&["images", "pull", "--plain-http", &seed]);
+    ctr(&["images", "tag", &seed, &pushed]);
+    ctr(&["images", "push", "--plain-http", &pushed]);
+    ctr(&["images", "rm", &seed, &pushed]);
+    let c = reg.client();
+    let r = c.req(
+        "GET",
+        "/v2/ctr/app/manifests/v1",
+        &[("accept", OCI_MANIFEST)],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.body, img.manifest,
+        "containerd pushed the manifest it pulled"
+    );
+    for b in img.blobs() {
+        assert!(c.get(&format!("/v2/ctr/app/blobs/{}", digest(b))).body == *b);
+    }
     reg.stop_and_fsck();
 }
