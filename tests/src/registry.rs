@@ -25,12 +25,22 @@ impl Registry {
     /// Starts `orlop serve --data DIR --addr 127.0.0.1:0` with extra
     /// environment, and waits for its "listening" line.
     pub fn start(data: &Path, env: &[(&str, &str)]) -> Registry {
+        Self::spawn(data, env, Stdio::inherit())
+    }
+
+    /// Like [`Registry::start`], with the server's log (stderr) in `log`.
+    pub fn start_logged(data: &Path, env: &[(&str, &str)], log: &Path) -> Registry {
+        let f = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
+        Self::spawn(data, env, Stdio::from(f))
+    }
+
+    fn spawn(data: &Path, env: &[(&str, &str)], stderr: Stdio) -> Registry {
         let mut cmd = Command::new(crate::orlop_bin());
         cmd.args(["serve", "--addr", "127.0.0.1:0", "--data"])
             .arg(data)
             .env("ORLOP_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }

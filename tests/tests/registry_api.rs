@@ -958,3 +958,31 @@ fn referrers_paginate() {
         .is_some_and(|l| l.contains("artifactType=application%2Fx.t1")));
     reg.stop_and_fsck();
 }
+
+#[test]
+fn access_log_lines_in_json() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("serve.log");
+    let env = [
+        ("ORLOP_LOG", "orlop::access=info"),
+        ("ORLOP_LOG_FORMAT", "json"),
+    ];
+    let reg = Registry::start_logged(&dir.path().join("data"), &env, &log);
+    let c = reg.client();
+    push_blob(&c, "logged", &noise(99, 1234));
+    assert_eq!(c.get("/v2/logged/blobs/sha256:1234").status, 400);
+    reg.stop();
+    let text = std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{e}"));
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0]["method"], "POST");
+    assert_eq!(lines[0]["route"], "upload");
+    assert_eq!(lines[0]["status"], 201);
+    assert_eq!(lines[0]["bytes_in"], 1234);
+    assert!(lines[0]["duration_ms"].as_f64().is_some());
+    assert_eq!(lines[1]["path"], "/v2/logged/blobs/sha256:1234");
+    assert_eq!(lines[1]["status"], 400);
+}
