@@ -1,0 +1,371 @@
+//! The write path: a blob arrives as pieces; the caller's thread computes its
+//! SHA-256 while the pipeline ([`pipeline`]) cuts chunks, names them,
+//! deduplicates, compresses, encrypts and appends them, spilling the recipe to
+//! the index in parts. Memory is bounded by the pipeline depth, the chunker window and one
+//! recipe part, whatever the blob's size.
+//!
+//! A write can be *checkpointed* (everything so far made durable and kept
+//! across restarts as a held write) and, after a restart, *resumed*.
+
+mod pipeline;
+
+use crate::commit::Request;
+use crate::error::{Error, Result};
+use crate::ids::{Digest, DigestAlgorithm, RecipeId};
+use crate::index::codec::{recipe_key, recipe_prefix, HeldEntry, RecipePart, HELD_TAG_BYTES_MAX};
+use crate::index::{CF_PENDING, CF_RECIPES};
+use crate::store::{now_unix_ms, BlobInfo, Inner};
+use bytes::Bytes;
+use crossbeam_channel::Sender;
+use pipeline::{Input, Start, WorkerSummary};
+use rocksdb::WriteBatch;
+use sha2::Digest as _;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub(crate) enum Hasher {
+    Sha256(sha2::Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    pub fn new(alg: DigestAlgorithm) -> Self {
+        match alg {
+            DigestAlgorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            DigestAlgorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+    pub fn update(&mut self, b: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(b),
+            Hasher::Sha512(h) => h.update(b),
+        }
+    }
+    pub fn algorithm(&self) -> DigestAlgorithm {
+        match self {
+            Hasher::Sha256(_) => DigestAlgorithm::Sha256,
+            Hasher::Sha512(_) => DigestAlgorithm::Sha512,
+        }
+    }
+    pub fn finish(self) -> Result<Digest> {
+        match self {
+            Hasher::Sha256(h) => Digest::new(DigestAlgorithm::Sha256, &h.finalize()),
+            Hasher::Sha512(h) => Digest::new(DigestAlgorithm::Sha512, &h.finalize()),
+        }
+    }
+}
+
+/// A blob being written. Call [`BlobWriter::commit`] to make it durable and
+/// visible; dropping it (or [`BlobWriter::abort`]) discards it, unless it was
+/// checkpointed and then [detached](BlobWriter::detach).
+pub struct BlobWriter {
+    inner: Arc<Inner>,
+    recipe: RecipeId,
+    hasher: Option<Hasher>,
+    expected: Option<Digest>,
+    size: u64,
+    tx: Option<Sender<Input>>,
+    worker: Option<JoinHandle<Result<WorkerSummary>>>,
+    finished: bool,
+}
+
+impl BlobWriter {
+    pub(crate) fn new(inner: Arc<Inner>, expected: Option<Digest>) -> Result<Self> {
+        inner.segments.check_writable()?;
+        let recipe = inner.next_recipe_id()?;
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            inner.index.cf(CF_PENDING)?,
+            recipe_prefix(recipe),
+            now_unix_ms().to_le_bytes(),
+        );
+        inner.index.write_unsynced(b)?;
+        let alg = expected
+            .as_ref()
+            .map(|d| d.algorithm())
+            .unwrap_or(DigestAlgorithm::Sha256);
+        Self::start(inner, recipe, Hasher::new(alg), expected, Start::default())
+    }
+
+    fn start(
+        inner: Arc<Inner>,
+        recipe: RecipeId,
+        hasher: Hasher,
+        expected: Option<Digest>,
+        from: Start,
+    ) -> Result<Self> {
+        let (tx, rx) = crossbeam_channel::bounded(inner.cfg.write_pipeline_pieces_max);
+        let i2 = inner.clone();
+        let worker = std::thread::Builder::new()
+            .name("orlop-chunker".into())
+            .spawn(move || pipeline::run(i2, recipe, rx, from))
+            .map_err(|e| Error::io("chunker thread", e))?;
+        Ok(BlobWriter {
+            inner,
+            recipe,
+            hasher: Some(hasher),
+            expected,
+            size: from.size,
+            tx: Some(tx),
+            worker: Some(worker),
+            finished: false,
+        })
+    }
+
+    /// Continues a held write after a restart: re-reads (and verifies) the
+    /// bytes it holds to rebuild the digest state, then accepts more pieces.
+    /// Resume a held write at most once at a time.
+    pub(crate) fn resume(inner: Arc<Inner>, recipe: RecipeId) -> Result<Self> {
+        inner.segments.check_writable()?;
+        let held = inner
+            .index
+            .held()?
+            .into_iter()
+            .find(|(r, _)| *r == recipe)
+            .map(|(_, h)| h)
+            .ok_or(Error::HeldWriteUnknown(recipe.0))?;
+        // Parts written after the checkpoint (a crash or a detach cut them
+        // off) are not part of the held state.
+        let mut b = WriteBatch::default();
+        let from = recipe_key(recipe, held.parts);
+        let to = recipe_key(RecipeId(recipe.0.saturating_add(1)), 0);
+        b.delete_range_cf(inner.index.cf(CF_RECIPES)?, from, to);
+        inner.index.write_unsynced(b)?;
+        tracing::debug!(
+            recipe = recipe.0,
+            parts = held.parts,
+            size = held.size,
+            "resuming a held write"
+        );
+        let mut hasher = Hasher::new(held.algorithm);
+        let (mut size, mut chunks) = (0u64, 0u64);
+        for part_no in 0..held.parts {
+            let v = inner
+                .index
+                .get(CF_RECIPES, &recipe_key(recipe, part_no))?
+                .ok_or_else(|| Error::CorruptIndex {
+                    cf: CF_RECIPES,
+                    reason: format!("held write {} lacks recipe part {part_no}", recipe.0),
+                })?;
+            for e in RecipePart::decode(&v)?.entries {
+                let data = crate::read::fetch_staged_or_stored(&inner, recipe, &e)?;
+                hasher.update(&data);
+                size += data.len() as u64;
+                chunks += 1;
+            }
+        }
+        if size != held.size || chunks != held.chunk_count {
+            return Err(Error::CorruptIndex {
+                cf: CF_RECIPES,
+                reason: format!(
+                    "held write {} holds {size} bytes in {chunks} chunks, its entry says {} in {}",
+                    recipe.0, held.size, held.chunk_count
+                ),
+            });
+        }
+        let from = Start {
+            size,
+            chunks,
+            parts: held.parts,
+        };
+        Self::start(inner, recipe, hasher, None, from)
+    }
+
+    /// The write's recipe id (names a held write).
+    pub fn recipe(&self) -> RecipeId {
+        self.recipe
+    }
+
+    /// Names the digest the content must have when it was not known at the
+    /// start (a chunked upload learns it at the end). Before the first byte
+    /// the algorithm may still change; after it, it must be the one the
+    /// writer has been hashing with.
+    pub fn expect_digest(&mut self, digest: Digest) -> Result<()> {
+        let alg = digest.algorithm();
+        if self.size == 0 {
+            self.hasher = Some(Hasher::new(alg));
+        } else if self.hasher.as_ref().map(Hasher::algorithm) != Some(alg) {
+            return Err(Error::InvalidDigest {
+                input: digest.to_string(),
+                reason: "the upload was hashed with another algorithm",
+            });
+        }
+        self.expected = Some(digest);
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn send(&mut self, msg: Input) -> Result<()> {
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send(msg).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            // The worker stopped early: report its error.
+            self.tx = None;
+            return Err(self.join_worker().err().unwrap_or(Error::ShuttingDown));
+        }
+        Ok(())
+    }
+
+    /// Appends a piece. Blocks when the pipeline is full (backpressure).
+    pub fn write(&mut self, piece: Bytes) -> Result<()> {
+        if piece.is_empty() {
+            return Ok(());
+        }
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&piece);
+        }
+        self.size += piece.len() as u64;
+        self.send(Input::Piece(piece))
+    }
+
+    /// Makes every byte written so far durable and keeps the write across
+    /// restarts as a *held* write named by `tag` (see [`crate::Store::held_writes`]).
+    /// The chunk boundary at this point is forced, not content-defined.
+    /// Returns the bytes held.
+    pub fn checkpoint(&mut self, tag: &[u8]) -> Result<u64> {
+        if tag.len() > HELD_TAG_BYTES_MAX {
+            return Err(Error::Config(format!(
+                "a held write's tag is at most {HELD_TAG_BYTES_MAX} bytes"
+            )));
+        }
+        let (rtx, rrx) = crossbeam_channel::bounded(1);
+        self.send(Input::Flush(rtx))?;
+        let sum = match rrx.recv() {
+            Ok(r) => r?,
+            Err(_) => return Err(self.join_worker().err().unwrap_or(Error::ShuttingDown)),
+        };
+        if sum.bytes != self.size {
+            return Err(Error::SizeMismatch {
+                expected: self.size,
+                actual: sum.bytes,
+            });
+        }
+        let held = HeldEntry {
+            size: self.size,
+            chunk_count: sum.chunks,
+            parts: sum.parts,
+            algorithm: self
+                .hasher
+                .as_ref()
+                .map(Hasher::algorithm)
+                .unwrap_or(DigestAlgorithm::Sha256),
+            updated_unix_ms: now_unix_ms(),
+            tag: tag.to_vec(),
+        };
+        let recipe = self.recipe;
+        self.inner.request(|reply| Request::Hold {
+            recipe,
+            held,
+            reply,
+        })?;
+        Ok(self.size)
+    }
+
+    /// Stops the pipeline without discarding the write: what the last
+    /// [`checkpoint`](BlobWriter::checkpoint) held stays for a later
+    /// [`crate::Store::resume_writer`] (or an abort); bytes after it are dropped.
+    pub fn detach(mut self) {
+        self.finished = true;
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Input::Stop);
+        }
+        let _ = self.join_worker();
+    }
+
+    fn join_worker(&mut self) -> Result<WorkerSummary> {
+        self.tx = None;
+        match self.worker.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| Error::Config("chunker thread panicked".into()))?,
+            None => Err(Error::ShuttingDown),
+        }
+    }
+    /// Finishes the blob: checks the digest, then commits it durably.
+    pub fn commit(mut self) -> Result<BlobInfo> {
+        self.finished = true;
+        let summary = match self.join_worker() {
+            Ok(s) => s,
+            Err(e) => {
+                self.discard();
+                return Err(e);
+            }
+        };
+        let actual = match self.hasher.take() {
+            Some(h) => h.finish()?,
+            None => return Err(Error::ShuttingDown),
+        };
+        if let Some(expected) = &self.expected {
+            if *expected != actual {
+                self.discard();
+                return Err(Error::DigestMismatch {
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
+        if summary.bytes != self.size {
+            self.discard();
+            return Err(Error::SizeMismatch {
+                expected: self.size,
+                actual: summary.bytes,
+            });
+        }
+        let (recipe, size, chunk_count) = (self.recipe, self.size, summary.chunks);
+        let digest = actual.clone();
+        let e = match self.inner.request(|reply| Request::Commit {
+            recipe,
+            digest,
+            size,
+            chunk_count,
+            created_unix_ms: now_unix_ms(),
+            reply,
+        }) {
+            Ok(e) => e,
+            Err(err) => {
+                if !matches!(err, Error::Poisoned | Error::ShuttingDown) {
+                    self.discard();
+                }
+                return Err(err);
+            }
+        };
+        Ok(BlobInfo {
+            digest: actual,
+            size: e.size,
+            chunk_count: e.chunk_count,
+            refs: e.refs,
+            created_unix_ms: e.created_unix_ms,
+        })
+    }
+
+    /// Discards the blob; its staged data becomes reclaimable.
+    pub fn abort(mut self) {
+        self.finished = true;
+        let _ = self.join_worker();
+        self.discard();
+    }
+
+    fn discard(&self) {
+        let recipe = self.recipe;
+        if let Err(e) = self.inner.request(|reply| Request::Abort { recipe, reply }) {
+            tracing::debug!(error = %e, recipe = recipe.0, "abort not recorded; the next open discards it");
+        }
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            let _ = self.join_worker();
+            self.discard();
+        }
+    }
+}
