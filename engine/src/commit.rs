@@ -31,6 +31,13 @@ pub(crate) enum Request {
         recipe: RecipeId,
         reply: Sender<Result<()>>,
     },
+    /// Collects blobs without references (see [`crate::gc`]).
+    Collect {
+        digests: Vec<Digest>,
+        now_unix_ms: u64,
+        grace_ms: u64,
+        reply: Sender<Result<crate::gc::CollectOutcome>>,
+    },
     /// Adjust a blob's reference count by +1 or -1.
     Ref {
         digest: Digest,
@@ -53,9 +60,10 @@ pub(crate) enum Request {
 
 /// Changes made by earlier requests of the same group, not yet written.
 #[derive(Default)]
-struct Overlay {
-    chunks: HashMap<ChunkId, ChunkEntry>,
-    blobs: HashMap<Digest, BlobEntry>,
+pub(crate) struct Overlay {
+    pub chunks: HashMap<ChunkId, ChunkEntry>,
+    /// `None`: the blob was collected by an earlier request of the group.
+    pub blobs: HashMap<Digest, Option<BlobEntry>>,
     inserted: HashSet<ChunkId>,
     finished_recipes: HashSet<RecipeId>,
     /// Values written by earlier transactions of the group, for their checks.
@@ -63,15 +71,15 @@ struct Overlay {
 }
 
 impl Overlay {
-    fn chunk(&self, index: &Index, id: &ChunkId) -> Result<Option<ChunkEntry>> {
+    pub fn chunk(&self, index: &Index, id: &ChunkId) -> Result<Option<ChunkEntry>> {
         match self.chunks.get(id) {
             Some(e) => Ok(Some(*e)),
             None => index.chunk(id),
         }
     }
-    fn blob(&self, index: &Index, d: &Digest) -> Result<Option<BlobEntry>> {
+    pub fn blob(&self, index: &Index, d: &Digest) -> Result<Option<BlobEntry>> {
         match self.blobs.get(d) {
-            Some(e) => Ok(Some(*e)),
+            Some(e) => Ok(*e),
             None => index.blob(d),
         }
     }
@@ -185,6 +193,16 @@ fn process(inner: &Inner, group: Vec<Request>) {
                 let r = adjust_ref(index, &mut ov, &digest, add);
                 replies.push(deferred(reply, r));
             }
+            Request::Collect {
+                digests,
+                now_unix_ms,
+                grace_ms,
+                reply,
+            } => {
+                let r =
+                    crate::gc::collect(index, &mut ov, &mut batch, &digests, now_unix_ms, grace_ms);
+                replies.push(deferred(reply, r));
+            }
             Request::Hold {
                 recipe,
                 held,
@@ -251,6 +269,7 @@ fn fail_all(group: Vec<Request>, e: &Error) {
             | Request::Txn { reply, .. }
             | Request::Hold { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
             Request::Ref { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
+            Request::Collect { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
             Request::Shutdown => {}
         }
     }
@@ -268,7 +287,10 @@ fn finish_batch(
     }
     let blobs = index.cf(CF_BLOBS)?;
     for (d, e) in &ov.blobs {
-        batch.put_cf(blobs, d.to_key(), e.encode());
+        match e {
+            Some(e) => batch.put_cf(blobs, d.to_key(), e.encode()),
+            None => batch.delete_cf(blobs, d.to_key()),
+        }
     }
     // The caller holds the segments' meta lock, under which sealing records
     // its entry too: a sealed entry read here stays sealed.
@@ -300,9 +322,15 @@ fn commit_blob(
     created_unix_ms: u64,
 ) -> Result<BlobEntry> {
     ov.finished_recipes.insert(recipe);
-    if let Some(existing) = ov.blob(index, digest)? {
+    if let Some(mut existing) = ov.blob(index, digest)? {
         // Already stored: this write's recipe is redundant.
         delete_staging(batch, index, recipe, false)?;
+        if existing.refs == 0 {
+            // A blob without references that is written again is new again:
+            // garbage collection's grace period counts from now.
+            existing.created_unix_ms = existing.created_unix_ms.max(created_unix_ms);
+            ov.blobs.insert(digest.clone(), Some(existing));
+        }
         return Ok(existing);
     }
     let mut local: HashMap<ChunkId, ChunkEntry> = HashMap::new();
@@ -359,7 +387,7 @@ fn commit_blob(
     };
     ov.chunks.extend(local);
     ov.inserted.extend(inserted);
-    ov.blobs.insert(digest.clone(), entry);
+    ov.blobs.insert(digest.clone(), Some(entry));
     delete_staging(batch, index, recipe, true)?;
     Ok(entry)
 }
@@ -400,7 +428,7 @@ fn adjust_ref(index: &Index, ov: &mut Overlay, digest: &Digest, add: bool) -> Re
         .blob(index, digest)?
         .ok_or_else(|| Error::BlobUnknown(digest.clone()))?;
     e.refs = apply_delta(digest, e.refs, if add { 1 } else { -1 })?;
-    ov.blobs.insert(digest.clone(), e);
+    ov.blobs.insert(digest.clone(), Some(e));
     Ok(e.refs)
 }
 
@@ -424,7 +452,7 @@ fn apply_txn(index: &Index, ov: &mut Overlay, batch: &mut WriteBatch, txn: Txn) 
             .blob(index, digest)?
             .ok_or_else(|| Error::BlobUnknown(digest.clone()))?;
         e.refs = apply_delta(digest, e.refs, *delta)?;
-        blobs.push((digest.clone(), e));
+        blobs.push((digest.clone(), Some(e)));
     }
     for op in &txn.ops {
         index.extra_cf(&op.cf)?;

@@ -11,6 +11,7 @@ mod compress;
 mod config;
 mod crypto;
 mod error;
+mod gc;
 mod ids;
 pub mod index;
 pub mod io;
@@ -25,6 +26,7 @@ mod write;
 
 pub use config::{ChunkParams, IoBackend, KeySource, Observer, StoreConfig};
 pub use error::{Error, Result};
+pub use gc::{GcOptions, GcReport};
 pub use ids::{ChunkId, Digest, DigestAlgorithm, RecipeId, SegmentId};
 pub use keys::{MasterKey, KEY_ENV_VAR};
 pub use read::BlobReader;

@@ -37,6 +37,11 @@ pub struct ServerConfig {
     pub request_head_timeout_secs: u64,
     /// Whether DELETE of blobs and manifests is allowed.
     pub delete_enabled: bool,
+    /// Time between online garbage collections; 0 turns them off.
+    pub gc_interval_secs: u64,
+    /// Blobs committed more recently than this are never collected (it
+    /// covers the gap between an upload's commit and its first reference).
+    pub gc_grace_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +61,8 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             request_head_timeout_secs: 30,
             delete_enabled: true,
+            gc_interval_secs: 3600,
+            gc_grace_secs: 3600,
         }
     }
 }
@@ -138,6 +145,8 @@ impl ServerConfig {
                 self.request_head_timeout_secs = num(value).map_err(bad)?
             }
             "DELETE_ENABLED" => self.delete_enabled = num(value).map_err(bad)?,
+            "GC_INTERVAL_SECS" => self.gc_interval_secs = num(value).map_err(bad)?,
+            "GC_GRACE_SECS" => self.gc_grace_secs = num(value).map_err(bad)?,
             // Variables of other commands (ORLOP_LOG, ORLOP_STORE_KEY, ...).
             _ => {}
         }

@@ -8,6 +8,7 @@
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod gc;
 pub mod http;
 pub mod manifest;
 pub mod meta;

@@ -37,6 +37,19 @@ pub struct Metrics {
     pub uploads_expired: Counter,
     pub blob_commit_seconds: Histogram,
     pub engine: EngineObserver,
+    pub gc: GcMetrics,
+}
+
+/// Online garbage collection, one observation per run.
+#[derive(Clone, Default)]
+pub struct GcMetrics {
+    pub runs: Counter,
+    pub failures: Counter,
+    pub blobs_freed: Counter,
+    pub bytes_freed: Counter,
+    pub chunk_bytes_released: Counter,
+    pub last_duration_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub last_success_unix_seconds: Gauge,
 }
 
 /// The engine's commit-path timings, fed through [`orlop_engine::Observer`].
@@ -131,6 +144,30 @@ impl Metrics {
             "Requests gathered into one group commit",
             engine.group_commit_requests.clone(),
         );
+        let gc = GcMetrics::default();
+        for (name, help, c) in [
+            ("orlop_gc_runs", "Garbage collection runs", &gc.runs),
+            ("orlop_gc_failures", "Garbage collection runs that failed", &gc.failures),
+            ("orlop_gc_blobs_freed", "Blobs deleted by garbage collection", &gc.blobs_freed),
+            ("orlop_gc_freed_bytes", "Logical bytes of the blobs deleted by garbage collection", &gc.bytes_freed),
+            (
+                "orlop_gc_released_chunk_bytes",
+                "Stored bytes of chunks left without references by garbage collection (reclaimed by compaction)",
+                &gc.chunk_bytes_released,
+            ),
+        ] {
+            registry.register(name, help, c.clone());
+        }
+        registry.register(
+            "orlop_gc_last_duration_seconds",
+            "Duration of the latest garbage collection run",
+            gc.last_duration_seconds.clone(),
+        );
+        registry.register(
+            "orlop_gc_last_success_unix_seconds",
+            "When the latest successful garbage collection run ended",
+            gc.last_success_unix_seconds.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -141,6 +178,7 @@ impl Metrics {
             uploads_expired,
             blob_commit_seconds,
             engine,
+            gc,
         }
     }
 

@@ -164,6 +164,7 @@ async fn serve<F: Future<Output = ()>>(app: Arc<App>, listener: TcpListener, sto
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let expiry = tokio::spawn(expire_uploads(app.clone()));
+    let gc = tokio::spawn(collect_garbage(app.clone()));
     let mut stop = std::pin::pin!(stop);
     loop {
         let permit = match race(conns.clone().acquire_owned(), stop.as_mut()).await {
@@ -213,6 +214,7 @@ async fn serve<F: Future<Output = ()>>(app: Arc<App>, listener: TcpListener, sto
     }
     drop(listener);
     expiry.abort();
+    gc.abort();
     app.uploads.begin_shutdown();
     let _ = stop_tx.send(true);
     let grace = Duration::from_secs(cfg.shutdown_grace_secs);
@@ -241,6 +243,25 @@ async fn expire_uploads(app: Arc<App>) {
         if n > 0 {
             app.metrics.uploads_expired.inc_by(n as u64);
             tracing::info!(sessions = n, "expired idle upload sessions");
+        }
+    }
+}
+
+/// Online garbage collection every `gc_interval_secs` (the first run one
+/// interval after startup), on a blocking thread beside the traffic.
+async fn collect_garbage(app: Arc<App>) {
+    if app.cfg.gc_interval_secs == 0 {
+        return;
+    }
+    let every = Duration::from_secs(app.cfg.gc_interval_secs);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let app2 = app.clone();
+        let r = tokio::task::spawn_blocking(move || crate::gc::run(&app2)).await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "garbage collection task failed");
         }
     }
 }

@@ -986,3 +986,66 @@ fn access_log_lines_in_json() {
     assert_eq!(lines[1]["path"], "/v2/logged/blobs/sha256:1234");
     assert_eq!(lines[1]["status"], 400);
 }
+
+fn metric(c: &Client, name: &str) -> f64 {
+    let m = String::from_utf8_lossy(&c.get("/metrics").body).into_owned();
+    m.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// The server collects a deleted manifest and a deleted blob on its own,
+/// keeps what a repository still links, and pushes work again afterwards.
+#[test]
+fn online_gc_collects_deleted_content() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let data = dir.path().join("data");
+    let reg = Registry::start(
+        &data,
+        &[("ORLOP_GC_INTERVAL_SECS", "1"), ("ORLOP_GC_GRACE_SECS", "2")],
+    );
+    let c = reg.client();
+    let img = Image::with_layers("gc", vec![noise(70, 300_000), noise(71, 5_000)]);
+    push_image(&c, "gc", "v1", &img);
+    let loose = noise(72, 200_000);
+    let loose_digest = push_blob(&c, "gc", &loose);
+    assert_eq!(
+        c.req("DELETE", &format!("/v2/gc/blobs/{loose_digest}"), &[], b"")
+            .status,
+        202
+    );
+    assert_eq!(
+        c.req("DELETE", &format!("/v2/gc/manifests/{}", img.digest()), &[], b"")
+            .status,
+        202
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while metric(&c, "orlop_gc_blobs_freed_total") < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deleted manifest and blob were not collected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert!(metric(&c, "orlop_gc_runs_total") >= 1.0);
+    assert!(metric(&c, "orlop_gc_freed_bytes_total") >= 200_000.0);
+    assert_eq!(metric(&c, "orlop_gc_failures_total"), 0.0);
+    // The repository still links the layers and the config: they stay.
+    for b in img.blobs() {
+        let r = c.get(&format!("/v2/gc/blobs/{}", digest(b)));
+        assert_eq!(r.status, 200);
+        assert!(r.body == *b);
+    }
+    assert_eq!(
+        c.req("HEAD", &format!("/v2/gc/blobs/{loose_digest}"), &[], b"")
+            .status,
+        404
+    );
+    // The manifest can be pushed again and pulls byte for byte.
+    let r = put_manifest(&c, "gc", "v1", OCI_MANIFEST, &img.manifest);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_pulls(&c, "gc", "v1", &img);
+    reg.stop_and_fsck();
+}

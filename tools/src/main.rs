@@ -1,6 +1,7 @@
 //! `orlop`: the operator's command.
 
 mod fsck;
+mod gc;
 mod serve;
 mod stats;
 
@@ -79,6 +80,8 @@ enum Cmd {
     },
     /// Check every chunk, blob, reference count and segment. Exit 0 only when clean.
     Fsck(fsck::FsckArgs),
+    /// Collect blobs without references (a stopped store; `serve` collects online).
+    Gc(gc::GcArgs),
     /// Blobs, chunks, bytes, dedupe and compression ratios, segment live ratios.
     Stats(stats::StatsArgs),
     /// Generate a new random store key file (mode 0600).
@@ -173,6 +176,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Serve(a) => serve::run(a),
         Cmd::Fsck(a) => fsck::run(a),
+        Cmd::Gc(a) => gc::run(a),
         Cmd::Stats(a) => stats::run(a),
         Cmd::Keygen { path } => {
             MasterKey::generate()?.write_file(&path)?;

@@ -126,3 +126,55 @@ fn wrong_key_is_refused() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("wrong key"), "{}", text(&o));
 }
+
+#[test]
+fn gc_dry_run_then_collect() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let data = dir.path().join("data");
+    let input = dir.path().join("blob.bin");
+    let content: Vec<u8> = (0..500_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&input, &content).unwrap_or_else(|e| panic!("{e}"));
+    let o = orlop(&["put", input.to_str().unwrap_or_default()], &data);
+    assert!(o.status.success(), "{}", text(&o));
+    let digest = String::from_utf8_lossy(&o.stdout)
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    // `orlop put` takes no reference: the blob is garbage at once.
+    let json = |o: &Output| -> serde_json::Value {
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
+    };
+    let o = orlop(&["gc", "--grace-secs", "3600", "--json"], &data);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(json(&o)["kept_young"], 1);
+    let o = orlop(&["gc", "--dry-run", "--json"], &data);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = json(&o);
+    assert_eq!(
+        (v["blobs_freed"].clone(), v["bytes_freed"].clone()),
+        (1.into(), 500_000.into())
+    );
+    let o = orlop(&["get", &digest], &data);
+    assert!(
+        o.status.success(),
+        "a dry run changes nothing: {}",
+        text(&o)
+    );
+    let o = orlop(&["gc"], &data);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("freed 1 blobs (500000 bytes)"),
+        "{}",
+        text(&o)
+    );
+    let o = orlop(&["get", &digest], &data);
+    assert!(!o.status.success(), "a collected blob is gone");
+    let o = orlop(&["fsck", "--json"], &data);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = json(&o);
+    assert_eq!(v["blobs"], 0);
+    assert!(v["unreferenced_chunks"].as_u64().unwrap_or(0) > 0, "{v}");
+}
