@@ -325,10 +325,11 @@ fn commit_blob(
     if let Some(mut existing) = ov.blob(index, digest)? {
         // Already stored: this write's recipe is redundant.
         delete_staging(batch, index, recipe, false)?;
-        if existing.refs == 0 {
-            // A blob without references that is written again is new again:
-            // garbage collection's grace period counts from now.
-            existing.created_unix_ms = existing.created_unix_ms.max(created_unix_ms);
+        // Written again: garbage collection's grace period counts from now
+        // (a layer above may be about to take its first reference, while
+        // the references the blob has now may be dropped meanwhile).
+        if created_unix_ms > existing.created_unix_ms {
+            existing.created_unix_ms = created_unix_ms;
             ov.blobs.insert(digest.clone(), Some(existing));
         }
         return Ok(existing);

@@ -18,27 +18,34 @@
 use crate::commit::{Overlay, Request};
 use crate::error::Result;
 use crate::ids::{ChunkId, Digest};
-use crate::index::codec::{recipe_prefix, BlobEntry, RecipePart};
+use crate::index::codec::{recipe_prefix, BlobEntry, ChunkEntry, RecipePart};
 use crate::index::{Index, CF_BLOBS, CF_RECIPES};
 use crate::store::{now_unix_ms, Store};
 use crate::verify::Progress;
 use rocksdb::WriteBatch;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Candidates sent to the committer per request, so that a collection run
-/// never holds up pushes for long.
+/// Candidates sent to the committer per request, and the recipe entries
+/// they may hold in all (at least one blob goes), so that a collection run
+/// never holds up pushes for long: the committer reads each recipe entry's
+/// chunk once.
 const COLLECT_BATCH_BLOBS: usize = 128;
+const COLLECT_BATCH_ENTRIES: u64 = 1 << 16;
 /// Candidates held in memory at once by one run.
 const CANDIDATES_MAX: usize = 1 << 20;
 
 /// What a collection run may do.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct GcOptions {
     /// Blobs committed more recently than this are kept.
     pub grace: Duration,
     /// Report what would be freed without changing anything.
     pub dry_run: bool,
+    /// Set to end the run early (between batches): a server shutting down.
+    pub cancel: Arc<AtomicBool>,
 }
 
 /// What one collection run found and freed.
@@ -60,6 +67,12 @@ pub struct GcReport {
     pub chunks_released: u64,
     /// Stored (record) bytes of those chunks.
     pub chunk_bytes_released: u64,
+    /// Candidates skipped because their index entries are damaged (each is
+    /// logged; `orlop fsck` names them).
+    pub damaged: u64,
+    /// The run ended early: cancelled, or more candidates than one run holds
+    /// (the next run goes on).
+    pub incomplete: bool,
     pub dry_run: bool,
     pub elapsed: Duration,
 }
@@ -68,6 +81,7 @@ pub struct GcReport {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct CollectOutcome {
     pub kept: u64,
+    pub damaged: u64,
     pub freed: u64,
     pub bytes: u64,
     pub chunks_released: u64,
@@ -85,6 +99,9 @@ impl Store {
     ) -> Result<GcReport> {
         let started = Instant::now();
         let inner = self.inner();
+        if !opts.dry_run {
+            inner.segments.check_writable()?;
+        }
         let index = &*inner.index;
         let now = now_unix_ms();
         let grace_ms = u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX);
@@ -94,9 +111,20 @@ impl Store {
         };
         let mut candidates: Vec<(Digest, BlobEntry)> = Vec::new();
         for kv in index.scan(CF_BLOBS)? {
+            if opts.cancel.load(Ordering::Relaxed) {
+                rep.incomplete = true;
+                break;
+            }
             let (k, v) = kv?;
             rep.blobs_scanned += 1;
-            let e = BlobEntry::decode(&v)?;
+            let (d, e) = match (Digest::from_key(&k), BlobEntry::decode(&v)) {
+                (Ok(d), Ok(e)) => (d, e),
+                (Err(err), _) | (_, Err(err)) => {
+                    tracing::warn!(error = %err, "gc: skipping a damaged blob entry");
+                    rep.damaged += 1;
+                    continue;
+                }
+            };
             if e.refs != 0 {
                 continue;
             }
@@ -104,7 +132,9 @@ impl Store {
             if now.saturating_sub(e.created_unix_ms) < grace_ms {
                 rep.kept_young += 1;
             } else if candidates.len() < CANDIDATES_MAX {
-                candidates.push((Digest::from_key(&k)?, e));
+                candidates.push((d, e));
+            } else {
+                rep.incomplete = true;
             }
         }
         let total = candidates.len() as u64;
@@ -118,8 +148,15 @@ impl Store {
             });
         } else {
             let mut done = 0u64;
-            for part in candidates.chunks(COLLECT_BATCH_BLOBS) {
-                let digests: Vec<Digest> = part.iter().map(|(d, _)| d.clone()).collect();
+            let mut rest = &candidates[..];
+            while !rest.is_empty() {
+                if opts.cancel.load(Ordering::Relaxed) {
+                    rep.incomplete = true;
+                    break;
+                }
+                let n = batch_len(rest);
+                let digests: Vec<Digest> = rest[..n].iter().map(|(d, _)| d.clone()).collect();
+                rest = &rest[n..];
                 let out = inner.request(|reply| Request::Collect {
                     digests,
                     now_unix_ms: now,
@@ -127,7 +164,7 @@ impl Store {
                     reply,
                 })?;
                 add(&mut rep, &out);
-                done += part.len() as u64;
+                done += n as u64;
                 progress(Progress {
                     phase: "gc",
                     done,
@@ -140,8 +177,23 @@ impl Store {
     }
 }
 
+/// How many of the next candidates go to the committer in one request.
+fn batch_len(rest: &[(Digest, BlobEntry)]) -> usize {
+    let mut entries = 0u64;
+    let mut n = 0;
+    for (_, e) in rest.iter().take(COLLECT_BATCH_BLOBS) {
+        entries = entries.saturating_add(e.chunk_count);
+        if n > 0 && entries > COLLECT_BATCH_ENTRIES {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 fn add(rep: &mut GcReport, out: &CollectOutcome) {
     rep.kept_young += out.kept;
+    rep.damaged += out.damaged;
     rep.blobs_freed += out.freed;
     rep.bytes_freed += out.bytes;
     rep.chunks_released += out.chunks_released;
@@ -162,26 +214,74 @@ fn recipe_entries(index: &Index, e: &BlobEntry) -> Result<Vec<ChunkId>> {
 /// it is (nothing is changed).
 fn simulate(index: &Index, candidates: &[(Digest, BlobEntry)]) -> Result<CollectOutcome> {
     let mut out = CollectOutcome::default();
-    let mut refs: HashMap<ChunkId, u64> = HashMap::new();
-    for (_, e) in candidates {
-        out.freed += 1;
-        out.bytes += e.size;
-        for id in recipe_entries(index, e)? {
-            let Some(c) = index.chunk(&id)? else { continue };
-            let left = refs.entry(id).or_insert(c.refs);
-            *left = left.saturating_sub(1);
-            if *left == 0 {
-                out.chunks_released += 1;
-                out.chunk_bytes_released += c.loc.record_len();
+    let mut refs: HashMap<ChunkId, ChunkEntry> = HashMap::new();
+    for (d, e) in candidates {
+        match release(index, d, e, &mut |id| match refs.get(id) {
+            Some(c) => Ok(Some(*c)),
+            None => index.chunk(id),
+        }) {
+            Ok(changed) => {
+                out.freed += 1;
+                out.bytes += e.size;
+                count_released(&mut out, &changed);
+                refs.extend(changed);
             }
+            Err(err) => skip_damaged(&mut out, d, &err),
         }
     }
     Ok(out)
 }
 
+fn skip_damaged(out: &mut CollectOutcome, d: &Digest, err: &crate::Error) {
+    tracing::warn!(digest = %d, error = %err, "gc: skipping a blob whose index entries are damaged");
+    out.damaged += 1;
+}
+
+fn count_released(out: &mut CollectOutcome, changed: &HashMap<ChunkId, ChunkEntry>) {
+    for c in changed.values().filter(|c| c.refs == 0) {
+        out.chunks_released += 1;
+        out.chunk_bytes_released += c.loc.record_len();
+    }
+}
+
+/// The chunk entries after dropping one reference per recipe entry of the
+/// blob, starting from the counts `current` gives; an error (a missing
+/// chunk, a count that would go below zero, a damaged recipe) changes
+/// nothing.
+fn release(
+    index: &Index,
+    d: &Digest,
+    e: &BlobEntry,
+    current: &mut dyn FnMut(&ChunkId) -> Result<Option<ChunkEntry>>,
+) -> Result<HashMap<ChunkId, ChunkEntry>> {
+    let mut changed: HashMap<ChunkId, ChunkEntry> = HashMap::new();
+    for id in recipe_entries(index, e)? {
+        let mut c = match changed.get(&id) {
+            Some(c) => *c,
+            None => current(&id)?.ok_or_else(|| crate::Error::CorruptIndex {
+                cf: "chunks",
+                reason: format!("blob {d} names missing chunk {id}"),
+            })?,
+        };
+        c.refs = c
+            .refs
+            .checked_sub(1)
+            .ok_or_else(|| crate::Error::CorruptIndex {
+                cf: "chunks",
+                reason: format!("chunk {id} would lose more references than it has"),
+            })?;
+        changed.insert(id, c);
+    }
+    Ok(changed)
+}
+
 /// The committer's half: deletes each candidate that still has no
 /// references and is still past the grace period, and drops the references
-/// its recipe holds on chunks.
+/// its recipe holds on chunks. A candidate whose entries are damaged is
+/// skipped (and counted); the others go on.
+///
+/// Recipes are read from the index, not the group's batch: a blob committed
+/// in this same group is younger than any grace period and is kept.
 pub(crate) fn collect(
     index: &Index,
     ov: &mut Overlay,
@@ -191,10 +291,12 @@ pub(crate) fn collect(
     grace_ms: u64,
 ) -> Result<CollectOutcome> {
     let mut out = CollectOutcome::default();
-    // Checked in full before anything changes, so an error leaves the
-    // overlay and the batch as they were.
-    let mut plans = Vec::new();
+    let recipes = index.cf(CF_RECIPES)?;
+    let mut seen = HashSet::new();
     for d in digests {
+        if !seen.insert(d) {
+            continue;
+        }
         let Some(e) = ov.blob(index, d)? else {
             continue;
         };
@@ -202,37 +304,15 @@ pub(crate) fn collect(
             out.kept += 1;
             continue;
         }
-        plans.push((d, e, recipe_entries(index, &e)?));
-    }
-    let mut chunks = HashMap::new();
-    for (_, _, ids) in &plans {
-        for id in ids {
-            let c = match chunks.get(id) {
-                Some(c) => *c,
-                None => ov
-                    .chunk(index, id)?
-                    .ok_or_else(|| crate::Error::CorruptIndex {
-                        cf: "chunks",
-                        reason: format!("a collected blob names missing chunk {id}"),
-                    })?,
-            };
-            let mut c = c;
-            c.refs = c
-                .refs
-                .checked_sub(1)
-                .ok_or_else(|| crate::Error::CorruptIndex {
-                    cf: "chunks",
-                    reason: format!("chunk {id} would lose more references than it has"),
-                })?;
-            if c.refs == 0 {
-                out.chunks_released += 1;
-                out.chunk_bytes_released += c.loc.record_len();
+        let changed = match release(index, d, &e, &mut |id| ov.chunk(index, id)) {
+            Ok(c) => c,
+            Err(err) => {
+                skip_damaged(&mut out, d, &err);
+                continue;
             }
-            chunks.insert(*id, c);
-        }
-    }
-    let recipes = index.cf(CF_RECIPES)?;
-    for (d, e, _) in plans {
+        };
+        count_released(&mut out, &changed);
+        ov.chunks.extend(changed);
         let from = recipe_prefix(e.recipe);
         let to = e
             .recipe
@@ -245,6 +325,5 @@ pub(crate) fn collect(
         out.freed += 1;
         out.bytes += e.size;
     }
-    ov.chunks.extend(chunks);
     Ok(out)
 }

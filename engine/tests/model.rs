@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use orlop_engine::io::{FaultConfig, FaultIo};
-use orlop_engine::{Digest, Error, Store, StoreConfig};
+use orlop_engine::{Digest, Error, GcOptions, Store, StoreConfig};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 
@@ -21,6 +21,8 @@ enum Op {
     Reboot,
     Crash,
     FailNextSync(Vec<(u8, u16)>),
+    /// Garbage collection with no grace period; `true`: a dry run.
+    Gc(bool),
 }
 
 fn blob_of(parts: &[(u8, u16)], tail: u16) -> Vec<u8> {
@@ -52,6 +54,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reboot),
         1 => Just(Op::Crash),
         1 => parts().prop_map(Op::FailNextSync),
+        2 => any::<bool>().prop_map(Op::Gc),
     ]
 }
 
@@ -169,6 +172,39 @@ fn run(ops: Vec<Op>, seed: u64) {
                         e.1 -= 1;
                         assert_eq!(r.unwrap_or_else(|e| panic!("{e}")), e.1);
                     }
+                }
+            }
+            Op::Gc(dry_run) => {
+                let garbage: Vec<Digest> = m
+                    .blobs
+                    .iter()
+                    .filter(|(_, (_, refs))| *refs == 0)
+                    .map(|(d, _)| d.clone())
+                    .collect();
+                let opts = GcOptions {
+                    grace: std::time::Duration::ZERO,
+                    dry_run,
+                    ..GcOptions::default()
+                };
+                let r = s.collect_garbage(&opts, &mut |_| {});
+                if m.poisoned {
+                    // Refused, or nothing to do; never a change.
+                    assert!(
+                        r.as_ref().map_or(true, |r| r.blobs_freed == 0 || dry_run),
+                        "{r:?}"
+                    );
+                } else {
+                    let r = r.unwrap_or_else(|e| panic!("gc: {e}"));
+                    assert_eq!(r.blobs_freed, garbage.len() as u64, "{r:?}");
+                    let bytes: u64 = garbage.iter().map(|d| m.blobs[d].0.len() as u64).sum();
+                    assert_eq!(r.bytes_freed, bytes);
+                    if !dry_run {
+                        for d in &garbage {
+                            m.blobs.remove(d);
+                            assert!(s.stat(d).unwrap_or_else(|e| panic!("{e}")).is_none());
+                        }
+                    }
+                    check_all(s, &m);
                 }
             }
             Op::Reboot => {

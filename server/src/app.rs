@@ -27,6 +27,10 @@ pub struct App {
     /// Bounds the blob responses streaming out of the engine at once (each
     /// holds a blocking thread while it streams).
     pub downloads: Arc<tokio::sync::Semaphore>,
+    /// Set at shutdown: a garbage collection run in progress ends early.
+    pub gc_cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// A garbage collection run is in progress (on a blocking thread).
+    pub gc_running: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -36,6 +40,8 @@ impl App {
             streaming: tokio::sync::Semaphore::new(cfg.uploads_streaming_max),
             downloads: Arc::new(tokio::sync::Semaphore::new(cfg.downloads_streaming_max)),
             registry: Registry::new(store),
+            gc_cancel: Arc::default(),
+            gc_running: Default::default(),
             metrics,
             cfg,
         }

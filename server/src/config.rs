@@ -173,6 +173,16 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
         }
+        if self.gc_interval_secs > 0 && self.gc_grace_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "gc_grace_secs must be at least 1 while online collection runs: it covers the gap between an upload's commit and its link".into(),
+            ));
+        }
+        if self.gc_interval_secs > 10 * 365 * 86_400 {
+            return Err(ConfigError::Invalid(
+                "gc_interval_secs is at most ten years (0 turns collection off)".into(),
+            ));
+        }
         if self.manifest_bytes_max > 64 << 20 {
             return Err(ConfigError::Invalid(
                 "manifest_bytes_max is held in memory: at most 64 MiB".into(),

@@ -5,19 +5,37 @@
 
 use crate::app::App;
 use orlop_engine::{GcOptions, GcReport};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// One collection run with the server's grace period.
+/// Clears `App::gc_running` when a run ends, however it ends.
+struct Running<'a>(&'a AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// One collection run with the server's grace period. Does nothing once
+/// shutdown has begun.
 pub fn run(app: &App) -> Option<GcReport> {
+    app.gc_running.store(true, Ordering::SeqCst);
+    let _running = Running(&app.gc_running);
+    if app.gc_cancel.load(Ordering::SeqCst) {
+        return None;
+    }
     let opts = GcOptions {
         grace: Duration::from_secs(app.cfg.gc_grace_secs),
         dry_run: false,
+        cancel: app.gc_cancel.clone(),
     };
     let m = &app.metrics.gc;
     m.runs.inc();
     match app.registry.store().collect_garbage(&opts, &mut |_| {}) {
         Ok(r) => {
             m.blobs_freed.inc_by(r.blobs_freed);
+            m.damaged.inc_by(r.damaged);
             m.bytes_freed.inc_by(r.bytes_freed);
             m.chunk_bytes_released.inc_by(r.chunk_bytes_released);
             m.last_duration_seconds.set(r.elapsed.as_secs_f64());
@@ -35,6 +53,8 @@ pub fn run(app: &App) -> Option<GcReport> {
                 bytes_freed = r.bytes_freed,
                 chunks_released = r.chunks_released,
                 chunk_bytes_released = r.chunk_bytes_released,
+                damaged = r.damaged,
+                incomplete = r.incomplete,
                 seconds = r.elapsed.as_secs_f64(),
                 "garbage collection"
             );

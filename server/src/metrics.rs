@@ -45,6 +45,7 @@ pub struct Metrics {
 pub struct GcMetrics {
     pub runs: Counter,
     pub failures: Counter,
+    pub damaged: Counter,
     pub blobs_freed: Counter,
     pub bytes_freed: Counter,
     pub chunk_bytes_released: Counter,
@@ -148,6 +149,11 @@ impl Metrics {
         for (name, help, c) in [
             ("orlop_gc_runs", "Garbage collection runs", &gc.runs),
             ("orlop_gc_failures", "Garbage collection runs that failed", &gc.failures),
+            (
+                "orlop_gc_damaged_blobs",
+                "Unreferenced blobs garbage collection skipped because their index entries are damaged (see orlop fsck)",
+                &gc.damaged,
+            ),
             ("orlop_gc_blobs_freed", "Blobs deleted by garbage collection", &gc.blobs_freed),
             ("orlop_gc_freed_bytes", "Logical bytes of the blobs deleted by garbage collection", &gc.bytes_freed),
             (

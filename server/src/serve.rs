@@ -214,7 +214,21 @@ async fn serve<F: Future<Output = ()>>(app: Arc<App>, listener: TcpListener, sto
     }
     drop(listener);
     expiry.abort();
+    // A run in progress stops at its next batch; wait for it so that the
+    // store closes cleanly.
+    app.gc_cancel
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     gc.abort();
+    let _ = gc.await;
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        while app.gc_running.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        tracing::warn!("garbage collection did not stop within 30 s");
+    }
     app.uploads.begin_shutdown();
     let _ = stop_tx.send(true);
     let grace = Duration::from_secs(cfg.shutdown_grace_secs);

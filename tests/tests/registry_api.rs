@@ -1004,7 +1004,10 @@ fn online_gc_collects_deleted_content() {
     let data = dir.path().join("data");
     let reg = Registry::start(
         &data,
-        &[("ORLOP_GC_INTERVAL_SECS", "1"), ("ORLOP_GC_GRACE_SECS", "2")],
+        &[
+            ("ORLOP_GC_INTERVAL_SECS", "1"),
+            ("ORLOP_GC_GRACE_SECS", "2"),
+        ],
     );
     let c = reg.client();
     let img = Image::with_layers("gc", vec![noise(70, 300_000), noise(71, 5_000)]);
@@ -1017,8 +1020,13 @@ fn online_gc_collects_deleted_content() {
         202
     );
     assert_eq!(
-        c.req("DELETE", &format!("/v2/gc/manifests/{}", img.digest()), &[], b"")
-            .status,
+        c.req(
+            "DELETE",
+            &format!("/v2/gc/manifests/{}", img.digest()),
+            &[],
+            b""
+        )
+        .status,
         202
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

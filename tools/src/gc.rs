@@ -43,6 +43,7 @@ pub fn run(a: GcArgs) -> Result<i32> {
     let opts = GcOptions {
         grace: Duration::from_secs(a.grace_secs),
         dry_run: a.dry_run,
+        ..GcOptions::default()
     };
     let r = store.collect_garbage(&opts, &mut |p| {
         bar.set_prefix(p.phase);
@@ -63,6 +64,8 @@ pub fn run(a: GcArgs) -> Result<i32> {
             "bytes_freed": r.bytes_freed,
             "chunks_released": r.chunks_released,
             "chunk_bytes_released": r.chunk_bytes_released,
+            "damaged": r.damaged,
+            "incomplete": r.incomplete,
             "seconds": r.elapsed.as_secs_f64(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -81,5 +84,14 @@ pub fn run(a: GcArgs) -> Result<i32> {
             r.elapsed.as_secs_f64()
         );
     }
-    Ok(0)
+    if r.damaged > 0 {
+        println!(
+            "{} unreferenced blobs were skipped because their index entries are damaged: run orlop fsck",
+            r.damaged
+        );
+    }
+    if r.incomplete {
+        println!("more candidates than one run holds: run again to go on");
+    }
+    Ok(if r.damaged > 0 { 1 } else { 0 })
 }
