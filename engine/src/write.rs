@@ -1,0 +1,736 @@
+//! The write path: a blob arrives as pieces; the caller's thread computes its
+//! SHA-256 while a worker thread cuts chunks, names them, deduplicates,
+//! compresses, encrypts and appends them, spilling the recipe to the index in
+//! parts. Memory is bounded by the pipeline depth, the chunker window and one
+//! recipe part, whatever the blob's size.
+//!
+//! A write can be *checkpointed* (everything so far made durable and kept
+//! across restarts as a held write) and, after a restart, *resumed*.
+
+use crate::chunker::Chunker;
+use crate::commit::Request;
+use crate::compress::{looks_compressible, Compressor};
+use crate::error::{Error, Result};
+use crate::ids::{ChunkId, Digest, DigestAlgorithm, RecipeId};
+use crate::index::codec::{
+    recipe_key, recipe_prefix, staged_key, HeldEntry, RecipeEntry, RecipePart, HELD_TAG_BYTES_MAX,
+    RECIPE_PART_ENTRIES,
+};
+use crate::index::{CF_PENDING, CF_RECIPES, CF_STAGED};
+use crate::segment::format::{FLAG_ZSTD, RECORD_HEADER_BYTES};
+use crate::segment::PreparedChunk;
+use crate::store::{now_unix_ms, BlobInfo, Inner, INFLIGHT_CHUNKS_MAX};
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use rayon::prelude::*;
+use rocksdb::WriteBatch;
+use sha2::Digest as _;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub(crate) enum Hasher {
+    Sha256(sha2::Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    pub fn new(alg: DigestAlgorithm) -> Self {
+        match alg {
+            DigestAlgorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            DigestAlgorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+    pub fn update(&mut self, b: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(b),
+            Hasher::Sha512(h) => h.update(b),
+        }
+    }
+    pub fn algorithm(&self) -> DigestAlgorithm {
+        match self {
+            Hasher::Sha256(_) => DigestAlgorithm::Sha256,
+            Hasher::Sha512(_) => DigestAlgorithm::Sha512,
+        }
+    }
+    pub fn finish(self) -> Result<Digest> {
+        match self {
+            Hasher::Sha256(h) => Digest::new(DigestAlgorithm::Sha256, &h.finalize()),
+            Hasher::Sha512(h) => Digest::new(DigestAlgorithm::Sha512, &h.finalize()),
+        }
+    }
+}
+
+/// Counters from the chunking worker.
+#[derive(Default, Debug, Clone, Copy)]
+struct WorkerSummary {
+    chunks: u64,
+    bytes: u64,
+    /// Recipe parts written so far.
+    parts: u32,
+}
+
+/// What flows from the caller into the cutting stage.
+enum Input {
+    Piece(Bytes),
+    /// Cut what is buffered (a forced boundary), drain the pipeline, and
+    /// report the counters once every chunk so far is appended and staged.
+    Flush(Sender<Result<WorkerSummary>>),
+    /// Stop at once, dropping what is buffered (the write is being detached).
+    Stop,
+}
+
+/// What flows from the cutting stage into the appending stage.
+enum AppendMsg {
+    Chunk(PreparedChunk),
+    /// Replies once every earlier chunk is appended and its placement staged.
+    Barrier(Sender<Result<()>>),
+}
+
+/// Where a writer's pipeline starts: a new write, or a resumed held one.
+#[derive(Clone, Copy, Default)]
+struct Start {
+    size: u64,
+    chunks: u64,
+    parts: u32,
+}
+
+/// A blob being written. Call [`BlobWriter::commit`] to make it durable and
+/// visible; dropping it (or [`BlobWriter::abort`]) discards it, unless it was
+/// checkpointed and then [detached](BlobWriter::detach).
+pub struct BlobWriter {
+    inner: Arc<Inner>,
+    recipe: RecipeId,
+    hasher: Option<Hasher>,
+    expected: Option<Digest>,
+    size: u64,
+    tx: Option<Sender<Input>>,
+    worker: Option<JoinHandle<Result<WorkerSummary>>>,
+    finished: bool,
+}
+
+impl BlobWriter {
+    pub(crate) fn new(inner: Arc<Inner>, expected: Option<Digest>) -> Result<Self> {
+        inner.segments.check_writable()?;
+        let recipe = inner.next_recipe_id()?;
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            inner.index.cf(CF_PENDING)?,
+            recipe_prefix(recipe),
+            now_unix_ms().to_le_bytes(),
+        );
+        inner.index.write_unsynced(b)?;
+        let alg = expected
+            .as_ref()
+            .map(|d| d.algorithm())
+            .unwrap_or(DigestAlgorithm::Sha256);
+        Self::start(inner, recipe, Hasher::new(alg), expected, Start::default())
+    }
+
+    fn start(
+        inner: Arc<Inner>,
+        recipe: RecipeId,
+        hasher: Hasher,
+        expected: Option<Digest>,
+        from: Start,
+    ) -> Result<Self> {
+        let (tx, rx) = crossbeam_channel::bounded(inner.cfg.write_pipeline_pieces_max);
+        let i2 = inner.clone();
+        let worker = std::thread::Builder::new()
+            .name("orlop-chunker".into())
+            .spawn(move || chunk_worker(i2, recipe, rx, from))
+            .map_err(|e| Error::io("chunker thread", e))?;
+        Ok(BlobWriter {
+            inner,
+            recipe,
+            hasher: Some(hasher),
+            expected,
+            size: from.size,
+            tx: Some(tx),
+            worker: Some(worker),
+            finished: false,
+        })
+    }
+
+    /// Continues a held write after a restart: re-reads (and verifies) the
+    /// bytes it holds to rebuild the digest state, then accepts more pieces.
+    /// Resume a held write at most once at a time.
+    pub(crate) fn resume(inner: Arc<Inner>, recipe: RecipeId) -> Result<Self> {
+        inner.segments.check_writable()?;
+        let held = inner
+            .index
+            .held()?
+            .into_iter()
+            .find(|(r, _)| *r == recipe)
+            .map(|(_, h)| h)
+            .ok_or(Error::HeldWriteUnknown(recipe.0))?;
+        // Parts written after the checkpoint (a crash or a detach cut them
+        // off) are not part of the held state.
+        let mut b = WriteBatch::default();
+        let from = recipe_key(recipe, held.parts);
+        let to = recipe_key(RecipeId(recipe.0.saturating_add(1)), 0);
+        b.delete_range_cf(inner.index.cf(CF_RECIPES)?, from, to);
+        inner.index.write_unsynced(b)?;
+        tracing::debug!(
+            recipe = recipe.0,
+            parts = held.parts,
+            size = held.size,
+            "resuming a held write"
+        );
+        let mut hasher = Hasher::new(held.algorithm);
+        let (mut size, mut chunks) = (0u64, 0u64);
+        for part_no in 0..held.parts {
+            let v = inner
+                .index
+                .get(CF_RECIPES, &recipe_key(recipe, part_no))?
+                .ok_or_else(|| Error::CorruptIndex {
+                    cf: CF_RECIPES,
+                    reason: format!("held write {} lacks recipe part {part_no}", recipe.0),
+                })?;
+            for e in RecipePart::decode(&v)?.entries {
+                let data = crate::read::fetch_staged_or_stored(&inner, recipe, &e)?;
+                hasher.update(&data);
+                size += data.len() as u64;
+                chunks += 1;
+            }
+        }
+        if size != held.size || chunks != held.chunk_count {
+            return Err(Error::CorruptIndex {
+                cf: CF_RECIPES,
+                reason: format!(
+                    "held write {} holds {size} bytes in {chunks} chunks, its entry says {} in {}",
+                    recipe.0, held.size, held.chunk_count
+                ),
+            });
+        }
+        let from = Start {
+            size,
+            chunks,
+            parts: held.parts,
+        };
+        Self::start(inner, recipe, hasher, None, from)
+    }
+
+    /// The write's recipe id (names a held write).
+    pub fn recipe(&self) -> RecipeId {
+        self.recipe
+    }
+
+    /// Names the digest the content must have when it was not known at the
+    /// start (a chunked upload learns it at the end). Before the first byte
+    /// the algorithm may still change; after it, it must be the one the
+    /// writer has been hashing with.
+    pub fn expect_digest(&mut self, digest: Digest) -> Result<()> {
+        let alg = digest.algorithm();
+        if self.size == 0 {
+            self.hasher = Some(Hasher::new(alg));
+        } else if self.hasher.as_ref().map(Hasher::algorithm) != Some(alg) {
+            return Err(Error::InvalidDigest {
+                input: digest.to_string(),
+                reason: "the upload was hashed with another algorithm",
+            });
+        }
+        self.expected = Some(digest);
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn send(&mut self, msg: Input) -> Result<()> {
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send(msg).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            // The worker stopped early: report its error.
+            self.tx = None;
+            return Err(self.join_worker().err().unwrap_or(Error::ShuttingDown));
+        }
+        Ok(())
+    }
+
+    /// Appends a piece. Blocks when the pipeline is full (backpressure).
+    pub fn write(&mut self, piece: Bytes) -> Result<()> {
+        if piece.is_empty() {
+            return Ok(());
+        }
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&piece);
+        }
+        self.size += piece.len() as u64;
+        self.send(Input::Piece(piece))
+    }
+
+    /// Makes every byte written so far durable and keeps the write across
+    /// restarts as a *held* write named by `tag` (see [`crate::Store::held_writes`]).
+    /// The chunk boundary at this point is forced, not content-defined.
+    /// Returns the bytes held.
+    pub fn checkpoint(&mut self, tag: &[u8]) -> Result<u64> {
+        if tag.len() > HELD_TAG_BYTES_MAX {
+            return Err(Error::Config(format!(
+                "a held write's tag is at most {HELD_TAG_BYTES_MAX} bytes"
+            )));
+        }
+        let (rtx, rrx) = crossbeam_channel::bounded(1);
+        self.send(Input::Flush(rtx))?;
+        let sum = match rrx.recv() {
+            Ok(r) => r?,
+            Err(_) => return Err(self.join_worker().err().unwrap_or(Error::ShuttingDown)),
+        };
+        if sum.bytes != self.size {
+            return Err(Error::SizeMismatch {
+                expected: self.size,
+                actual: sum.bytes,
+            });
+        }
+        let held = HeldEntry {
+            size: self.size,
+            chunk_count: sum.chunks,
+            parts: sum.parts,
+            algorithm: self
+                .hasher
+                .as_ref()
+                .map(Hasher::algorithm)
+                .unwrap_or(DigestAlgorithm::Sha256),
+            updated_unix_ms: now_unix_ms(),
+            tag: tag.to_vec(),
+        };
+        let recipe = self.recipe;
+        self.inner.request(|reply| Request::Hold {
+            recipe,
+            held,
+            reply,
+        })?;
+        Ok(self.size)
+    }
+
+    /// Stops the pipeline without discarding the write: what the last
+    /// [`checkpoint`](BlobWriter::checkpoint) held stays for a later
+    /// [`crate::Store::resume_writer`] (or an abort); bytes after it are dropped.
+    pub fn detach(mut self) {
+        self.finished = true;
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Input::Stop);
+        }
+        let _ = self.join_worker();
+    }
+
+    fn join_worker(&mut self) -> Result<WorkerSummary> {
+        self.tx = None;
+        match self.worker.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| Error::Config("chunker thread panicked".into()))?,
+            None => Err(Error::ShuttingDown),
+        }
+    }
+    /// Finishes the blob: checks the digest, then commits it durably.
+    pub fn commit(mut self) -> Result<BlobInfo> {
+        self.finished = true;
+        let summary = match self.join_worker() {
+            Ok(s) => s,
+            Err(e) => {
+                self.discard();
+                return Err(e);
+            }
+        };
+        let actual = match self.hasher.take() {
+            Some(h) => h.finish()?,
+            None => return Err(Error::ShuttingDown),
+        };
+        if let Some(expected) = &self.expected {
+            if *expected != actual {
+                self.discard();
+                return Err(Error::DigestMismatch {
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
+        if summary.bytes != self.size {
+            self.discard();
+            return Err(Error::SizeMismatch {
+                expected: self.size,
+                actual: summary.bytes,
+            });
+        }
+        let (recipe, size, chunk_count) = (self.recipe, self.size, summary.chunks);
+        let digest = actual.clone();
+        let e = match self.inner.request(|reply| Request::Commit {
+            recipe,
+            digest,
+            size,
+            chunk_count,
+            created_unix_ms: now_unix_ms(),
+            reply,
+        }) {
+            Ok(e) => e,
+            Err(err) => {
+                if !matches!(err, Error::Poisoned | Error::ShuttingDown) {
+                    self.discard();
+                }
+                return Err(err);
+            }
+        };
+        Ok(BlobInfo {
+            digest: actual,
+            size: e.size,
+            chunk_count: e.chunk_count,
+            refs: e.refs,
+            created_unix_ms: e.created_unix_ms,
+        })
+    }
+
+    /// Discards the blob; its staged data becomes reclaimable.
+    pub fn abort(mut self) {
+        self.finished = true;
+        let _ = self.join_worker();
+        self.discard();
+    }
+
+    fn discard(&self) {
+        let recipe = self.recipe;
+        if let Err(e) = self.inner.request(|reply| Request::Abort { recipe, reply }) {
+            tracing::debug!(error = %e, recipe = recipe.0, "abort not recorded; the next open discards it");
+        }
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            let _ = self.join_worker();
+            self.discard();
+        }
+    }
+}
+
+struct RecipeSpill {
+    recipe: RecipeId,
+    part_no: u32,
+    part: RecipePart,
+    batch: WriteBatch,
+}
+
+impl RecipeSpill {
+    fn flush(&mut self, inner: &Inner) -> Result<()> {
+        if self.part.entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.put_cf(
+            inner.index.cf(CF_RECIPES)?,
+            recipe_key(self.recipe, self.part_no),
+            self.part.encode(),
+        );
+        inner.index.write_unsynced(batch)?;
+        self.part_no += 1;
+        let end = self.part.end();
+        self.part = RecipePart {
+            start: end,
+            entries: Vec::with_capacity(RECIPE_PART_ENTRIES),
+        };
+        Ok(())
+    }
+}
+
+/// Prepared chunks queued between the cutting and the appending stage.
+const APPEND_QUEUE_CHUNKS: usize = 8;
+/// Chunk ids of this blob already sent to the appender, so that a chunk
+/// repeated inside a blob is stored once. Past this bound a repeat may be
+/// stored twice (an orphan record, reclaimable), never miscounted.
+const SENT_IDS_MAX: usize = 1 << 16;
+/// Staged placements written to the index per unsynced batch.
+const STAGED_BATCH_ENTRIES: usize = 256;
+
+/// Chunks named and compressed together on the rayon pool.
+const CUT_BATCH_CHUNKS: usize = 16;
+
+/// A cut chunk after naming and (when new and worth it) compression.
+struct Named {
+    chunk: Bytes,
+    id: ChunkId,
+    /// `Some` when the chunk is not yet in the index.
+    prepared: Option<(u8, Vec<u8>)>,
+}
+
+thread_local! {
+    /// One zstd context per thread of the pool, made on first use.
+    static COMPRESSOR: std::cell::RefCell<Option<Compressor>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Compresses a chunk that passed the probe, on the current thread's cached
+/// context (see [`Compressor`]).
+fn compress_here(level: i32, chunk: &[u8]) -> Result<Option<Vec<u8>>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|c| c.level()) != Some(level) {
+            *slot = Some(Compressor::new(level).map_err(|e| Error::io("zstd", e))?);
+        }
+        Ok(slot
+            .as_mut()
+            .and_then(|c| c.compress_if_smaller(chunk, RECORD_HEADER_BYTES)))
+    })
+}
+
+/// The writer's pipeline after hashing: a cutting stage (FastCDC, BLAKE3,
+/// dedupe lookup, compression) and an appending stage (encryption, record
+/// checksum, pwrite), on two threads so that with the caller's SHA-256 the
+/// work spreads over three.
+fn chunk_worker(
+    inner: Arc<Inner>,
+    recipe: RecipeId,
+    rx: Receiver<Input>,
+    from: Start,
+) -> Result<WorkerSummary> {
+    let (atx, arx) = crossbeam_channel::bounded::<AppendMsg>(APPEND_QUEUE_CHUNKS);
+    std::thread::scope(|scope| {
+        let appender = std::thread::Builder::new()
+            .name("orlop-append".into())
+            .spawn_scoped(scope, || append_stage(&inner, recipe, arx))
+            .map_err(|e| Error::io("append thread", e))?;
+        let cut = CutStage::new(&inner, recipe, atx, from).and_then(|stage| stage.run(rx));
+        let appended = appender
+            .join()
+            .map_err(|_| Error::Config("append thread panicked".into()))?;
+        appended?;
+        cut
+    })
+}
+
+/// The cutting stage's state.
+struct CutStage<'a> {
+    inner: &'a Inner,
+    recipe: RecipeId,
+    spill: RecipeSpill,
+    sum: WorkerSummary,
+    sent: HashSet<ChunkId>,
+    staged_cf: &'a rocksdb::ColumnFamily,
+    level: i32,
+    batch: Vec<Bytes>,
+    atx: Sender<AppendMsg>,
+    /// Some of this write's staged placements were made durable (by a
+    /// checkpoint, now or before a restart). Such a placement must never be
+    /// replaced by one that is not yet durable, so from then on a chunk
+    /// already staged for this write is not staged again.
+    held: bool,
+}
+
+impl<'a> CutStage<'a> {
+    fn new(
+        inner: &'a Inner,
+        recipe: RecipeId,
+        atx: Sender<AppendMsg>,
+        from: Start,
+    ) -> Result<Self> {
+        Ok(CutStage {
+            inner,
+            recipe,
+            spill: RecipeSpill {
+                recipe,
+                part_no: from.parts,
+                part: RecipePart {
+                    start: from.size,
+                    entries: Vec::new(),
+                },
+                batch: WriteBatch::default(),
+            },
+            sum: WorkerSummary {
+                chunks: from.chunks,
+                bytes: from.size,
+                parts: from.parts,
+            },
+            sent: HashSet::new(),
+            staged_cf: inner.index.cf(CF_STAGED)?,
+            level: inner.cfg.zstd_level,
+            batch: Vec::with_capacity(CUT_BATCH_CHUNKS),
+            atx,
+            held: from.parts > 0,
+        })
+    }
+
+    fn run(mut self, rx: Receiver<Input>) -> Result<WorkerSummary> {
+        let mut chunker = Chunker::new(self.inner.cfg.chunk);
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                Input::Piece(piece) => chunker.push(&piece, &mut |c| self.push(c))?,
+                Input::Flush(reply) => {
+                    let r = self.flush(&mut chunker);
+                    let failed = r.is_err();
+                    let _ = reply.send(r);
+                    if failed {
+                        return Err(Error::ShuttingDown);
+                    }
+                }
+                Input::Stop => return Ok(self.sum),
+            }
+        }
+        chunker.finish(&mut |c| self.push(c))?;
+        self.process()?;
+        self.spill.flush(self.inner)?;
+        self.sum.parts = self.spill.part_no;
+        Ok(self.sum)
+    }
+
+    /// Cuts what is buffered, then waits until every chunk so far is
+    /// appended and staged and every recipe entry is written.
+    fn flush(&mut self, chunker: &mut Chunker) -> Result<WorkerSummary> {
+        chunker.finish(&mut |c| self.push(c))?;
+        self.process()?;
+        self.spill.flush(self.inner)?;
+        self.sum.parts = self.spill.part_no;
+        let (btx, brx) = crossbeam_channel::bounded(1);
+        self.atx
+            .send(AppendMsg::Barrier(btx))
+            .map_err(|_| Error::ShuttingDown)?;
+        brx.recv().map_err(|_| Error::ShuttingDown)??;
+        self.held = true;
+        Ok(self.sum)
+    }
+
+    /// Whether this write already has a placement staged for `id`.
+    fn staged_here(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self
+            .inner
+            .index
+            .get(CF_STAGED, &staged_key(self.recipe, id))?
+            .is_some())
+    }
+
+    fn push(&mut self, chunk: Bytes) -> Result<()> {
+        self.batch.push(chunk);
+        if self.batch.len() >= CUT_BATCH_CHUNKS {
+            self.process()?;
+        }
+        Ok(())
+    }
+
+    /// Names the batch and looks each chunk up; compression of the chunks
+    /// that the probe finds compressible runs in parallel on the pool.
+    fn process(&mut self) -> Result<()> {
+        let inner = self.inner;
+        let mut named = Vec::with_capacity(self.batch.len());
+        for chunk in std::mem::take(&mut self.batch) {
+            let id = inner.chunk_id(&chunk);
+            let is_new = inner.index.chunk(&id)?.is_none()
+                && !self.sent.contains(&id)
+                && !(self.held && self.staged_here(&id)?);
+            let compress = is_new && looks_compressible(&chunk);
+            named.push((chunk, id, is_new, compress));
+        }
+        let level = self.level;
+        let named: Vec<Result<Named>> = named
+            .into_par_iter()
+            .map(|(chunk, id, is_new, compress)| {
+                let z = if compress {
+                    compress_here(level, &chunk)?
+                } else {
+                    None
+                };
+                let prepared = is_new.then(|| match z {
+                    Some(z) => (FLAG_ZSTD, z),
+                    None => (0, PreparedChunk::buffer(&chunk)),
+                });
+                Ok(Named {
+                    chunk,
+                    id,
+                    prepared,
+                })
+            })
+            .collect();
+        for n in named {
+            let Named {
+                chunk,
+                id,
+                prepared,
+            } = n?;
+            let raw_len = chunk.len() as u32;
+            // Checked again here: the same new chunk may occur twice in one batch.
+            if let (Some((flags, record)), false) = (prepared, self.sent.contains(&id)) {
+                let shared = inner
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&id)
+                    .map(|v| v.0);
+                match shared {
+                    // Appended by another writer, not yet committed: share its placement.
+                    Some(loc) => self.spill.batch.put_cf(
+                        self.staged_cf,
+                        staged_key(self.recipe, &id),
+                        loc.encode(),
+                    ),
+                    None => {
+                        if self.sent.len() < SENT_IDS_MAX {
+                            self.sent.insert(id);
+                        }
+                        // A closed queue means the appender failed; its error is reported.
+                        self.atx
+                            .send(AppendMsg::Chunk(PreparedChunk {
+                                id,
+                                flags,
+                                raw_len,
+                                record,
+                            }))
+                            .map_err(|_| Error::ShuttingDown)?;
+                    }
+                }
+            }
+            self.spill
+                .part
+                .entries
+                .push(RecipeEntry { chunk: id, raw_len });
+            self.sum.chunks += 1;
+            self.sum.bytes += raw_len as u64;
+            if self.spill.part.entries.len() >= RECIPE_PART_ENTRIES {
+                self.spill.flush(inner)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Encrypts and appends chunks in order, recording their staged placements.
+fn append_stage(inner: &Inner, recipe: RecipeId, rx: Receiver<AppendMsg>) -> Result<()> {
+    let staged_cf = inner.index.cf(CF_STAGED)?;
+    let mut batch = WriteBatch::default();
+    for msg in rx {
+        let chunk = match msg {
+            AppendMsg::Chunk(c) => c,
+            AppendMsg::Barrier(reply) => {
+                let r = if batch.is_empty() {
+                    Ok(())
+                } else {
+                    inner.index.write_unsynced(std::mem::take(&mut batch))
+                };
+                let failed = r.is_err();
+                let _ = reply.send(r);
+                if failed {
+                    return Err(Error::ShuttingDown);
+                }
+                continue;
+            }
+        };
+        let id = chunk.id;
+        let loc = inner.segments.append(&inner.cipher, chunk)?;
+        {
+            let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if fl.len() < INFLIGHT_CHUNKS_MAX {
+                fl.entry(id).or_insert((loc, recipe));
+            }
+        }
+        batch.put_cf(staged_cf, staged_key(recipe, &id), loc.encode());
+        if batch.len() >= STAGED_BATCH_ENTRIES {
+            inner.index.write_unsynced(std::mem::take(&mut batch))?;
+        }
+    }
+    if !batch.is_empty() {
+        inner.index.write_unsynced(batch)?;
+    }
+    Ok(())
+}
