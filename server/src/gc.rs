@@ -8,6 +8,13 @@ use orlop_engine::{GcOptions, GcReport};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// How long a link must go unused before the sweep removes it: 1.5 x the
+/// grace, since HEAD and GET renew a link only once it is older than half
+/// the grace (`routes::blobs::linked_blob`).
+pub fn unused_ms(grace_secs: u64) -> u64 {
+    grace_secs.saturating_mul(1500)
+}
+
 /// Clears `App::gc_running` when a run ends, however it ends.
 struct Running<'a>(&'a AtomicBool);
 
@@ -32,6 +39,29 @@ pub fn run(app: &App) -> Option<GcReport> {
     };
     let m = &app.metrics.gc;
     m.runs.inc();
+    // Links first: the blobs whose last reference they held are then
+    // collected in the same run once their own grace period is over.
+    match app
+        .registry
+        .sweep_links(unused_ms(app.cfg.gc_grace_secs), &app.gc_cancel)
+    {
+        Ok(s) => {
+            m.links_removed.inc_by(s.removed);
+            m.damaged.inc_by(s.damaged);
+            tracing::info!(
+                links = s.links,
+                removed = s.removed,
+                kept_young = s.kept_young,
+                damaged = s.damaged,
+                "link sweep"
+            );
+        }
+        Err(e) => {
+            // The collector still runs: what it frees does not depend on it.
+            m.failures.inc();
+            tracing::error!(error = %e, "link sweep failed");
+        }
+    }
     match app.registry.store().collect_garbage(&opts, &mut |_| {}) {
         Ok(r) => {
             m.blobs_freed.inc_by(r.blobs_freed);

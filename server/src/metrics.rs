@@ -46,6 +46,7 @@ pub struct GcMetrics {
     pub runs: Counter,
     pub failures: Counter,
     pub damaged: Counter,
+    pub links_removed: Counter,
     pub blobs_freed: Counter,
     pub bytes_freed: Counter,
     pub chunk_bytes_released: Counter,
@@ -150,11 +151,16 @@ impl Metrics {
             ("orlop_gc_runs", "Garbage collection runs", &gc.runs),
             ("orlop_gc_failures", "Garbage collection runs that failed", &gc.failures),
             (
-                "orlop_gc_damaged_blobs",
-                "Unreferenced blobs garbage collection skipped because their index entries are damaged (see orlop fsck)",
+                "orlop_gc_damaged",
+                "Rows and blobs garbage collection skipped because they are damaged (see orlop fsck)",
                 &gc.damaged,
             ),
             ("orlop_gc_blobs_freed", "Blobs deleted by garbage collection", &gc.blobs_freed),
+            (
+                "orlop_gc_links_removed",
+                "Repository links no manifest named, removed by garbage collection",
+                &gc.links_removed,
+            ),
             ("orlop_gc_freed_bytes", "Logical bytes of the blobs deleted by garbage collection", &gc.bytes_freed),
             (
                 "orlop_gc_released_chunk_bytes",

@@ -611,6 +611,35 @@ fn manifest_size_limit_and_docker_types() {
     let t = "application/vnd.docker.distribution.manifest.v1+prettyjws";
     assert_eq!(put_manifest(&c, "app", "old", t, &s1).status, 201);
     assert_eq!(c.get("/v2/app/manifests/old").body, s1);
+    // A Helm chart as `helm push` writes it: an OCI manifest whose config
+    // and layer carry Helm's own media types.
+    let chart = tar_gz(&[(
+        "mychart/Chart.yaml",
+        b"apiVersion: v2\nname: mychart\nversion: 0.1.0\n",
+    )]);
+    let chart_config = br#"{"name":"mychart","version":"0.1.0","apiVersion":"v2"}"#.to_vec();
+    push_blob(&c, "charts/mychart", &chart);
+    push_blob(&c, "charts/mychart", &chart_config);
+    let helm = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": descriptor("application/vnd.cncf.helm.config.v1+json", &chart_config),
+        "layers": [descriptor("application/vnd.cncf.helm.chart.content.v1.tar+gzip", &chart)],
+    }))
+    .unwrap_or_default();
+    let r = put_manifest(&c, "charts/mychart", "0.1.0", OCI_MANIFEST, &helm);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = c.req(
+        "GET",
+        "/v2/charts/mychart/manifests/0.1.0",
+        &[("accept", OCI_MANIFEST)],
+        b"",
+    );
+    assert_eq!(r.body, helm);
+    assert_eq!(
+        c.get(&format!("/v2/charts/mychart/blobs/{}", digest(&chart)))
+            .body,
+        chart
+    );
     reg.stop_and_fsck();
 }
 
@@ -996,8 +1025,10 @@ fn metric(c: &Client, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The server collects a deleted manifest and a deleted blob on its own,
-/// keeps what a repository still links, and pushes work again afterwards.
+/// The server collects on its own: a deleted image's unshared layers (their
+/// links, then the blobs), its manifest, and a deleted blob; it keeps what
+/// another manifest names and an unused blob that clients keep asking for;
+/// pushes work again afterwards.
 #[test]
 fn online_gc_collects_deleted_content() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -1010,8 +1041,11 @@ fn online_gc_collects_deleted_content() {
         ],
     );
     let c = reg.client();
-    let img = Image::with_layers("gc", vec![noise(70, 300_000), noise(71, 5_000)]);
-    push_image(&c, "gc", "v1", &img);
+    let shared = noise(70, 300_000);
+    let a = Image::with_layers("gc-a", vec![shared.clone(), noise(71, 150_000)]);
+    let b = Image::with_layers("gc-b", vec![shared, noise(73, 5_000)]);
+    push_image(&c, "gc", "a", &a);
+    push_image(&c, "gc", "b", &b);
     let loose = noise(72, 200_000);
     let loose_digest = push_blob(&c, "gc", &loose);
     assert_eq!(
@@ -1019,41 +1053,45 @@ fn online_gc_collects_deleted_content() {
             .status,
         202
     );
+    // Uploaded, named by no manifest, but asked for again and again (as a
+    // client does before it pushes the manifest): kept.
+    let wanted = push_blob(&c, "gc", &noise(74, 1_000));
     assert_eq!(
         c.req(
             "DELETE",
-            &format!("/v2/gc/manifests/{}", img.digest()),
+            &format!("/v2/gc/manifests/{}", a.digest()),
             &[],
             b""
         )
         .status,
         202
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while metric(&c, "orlop_gc_blobs_freed_total") < 2.0 {
+    let a_only = digest(&a.layers[1]);
+    let head = |d: &str| c.req("HEAD", &format!("/v2/gc/blobs/{d}"), &[], b"").status;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // a's manifest, a's config, a's own layer, the loose blob.
+    while metric(&c, "orlop_gc_blobs_freed_total") < 4.0 || head(&a_only) != 404 {
         assert!(
             std::time::Instant::now() < deadline,
-            "the deleted manifest and blob were not collected"
+            "the deleted image and blob were not collected: {} freed",
+            metric(&c, "orlop_gc_blobs_freed_total")
         );
-        std::thread::sleep(std::time::Duration::from_millis(250));
+        assert_eq!(
+            head(&wanted),
+            200,
+            "a blob clients keep asking for was collected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    assert!(metric(&c, "orlop_gc_runs_total") >= 1.0);
-    assert!(metric(&c, "orlop_gc_freed_bytes_total") >= 200_000.0);
+    assert!(metric(&c, "orlop_gc_links_removed_total") >= 2.0);
+    assert!(metric(&c, "orlop_gc_freed_bytes_total") >= 350_000.0);
     assert_eq!(metric(&c, "orlop_gc_failures_total"), 0.0);
-    // The repository still links the layers and the config: they stay.
-    for b in img.blobs() {
-        let r = c.get(&format!("/v2/gc/blobs/{}", digest(b)));
-        assert_eq!(r.status, 200);
-        assert!(r.body == *b);
-    }
-    assert_eq!(
-        c.req("HEAD", &format!("/v2/gc/blobs/{loose_digest}"), &[], b"")
-            .status,
-        404
-    );
-    // The manifest can be pushed again and pulls byte for byte.
-    let r = put_manifest(&c, "gc", "v1", OCI_MANIFEST, &img.manifest);
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    assert_pulls(&c, "gc", "v1", &img);
+    assert_eq!(head(&loose_digest), 404);
+    assert_eq!(head(&wanted), 200);
+    // b still pulls byte for byte, with the layer it shared with a.
+    assert_pulls(&c, "gc", "b", &b);
+    // a can be pushed again from scratch and pulls byte for byte.
+    push_image(&c, "gc", "a", &a);
+    assert_pulls(&c, "gc", "a", &a);
     reg.stop_and_fsck();
 }

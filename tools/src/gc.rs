@@ -16,9 +16,11 @@ pub struct GcArgs {
     /// Report what would be freed; change nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Keep blobs committed within this many seconds. On a stopped store no
-    /// push can be between its upload and its manifest, so 0 is safe.
-    #[arg(long, default_value_t = 0)]
+    /// Keep blobs committed, and repository links made or used, within this
+    /// many seconds (as `serve` does): a client may be between its blob
+    /// uploads and its manifest push across a restart. 0 frees everything
+    /// unreferenced now.
+    #[arg(long, default_value_t = 3600)]
     grace_secs: u64,
     /// Print the summary as JSON.
     #[arg(long)]
@@ -28,7 +30,18 @@ pub struct GcArgs {
 pub fn run(a: GcArgs) -> Result<i32> {
     let mut cfg = a.store.config();
     cfg.read_only = a.dry_run;
-    let store = Store::open(cfg)?;
+    let store = std::sync::Arc::new(Store::open(cfg)?);
+    // A registry's store: sweep links no manifest names first, as `serve` does.
+    let mut links_removed = None;
+    if !a.dry_run && store.has_column_family(orlop_server::meta::CF_LINKS) {
+        let s = orlop_server::Registry::new(store.clone())
+            .sweep_links(
+                orlop_server::gc::unused_ms(a.grace_secs),
+                &Default::default(),
+            )
+            .map_err(|e| anyhow::anyhow!("sweeping repository links: {e}"))?;
+        links_removed = Some(s.removed);
+    }
     let bar = if std::io::stderr().is_terminal() && !a.json {
         let b = ProgressBar::new(0);
         b.set_style(
@@ -52,7 +65,10 @@ pub fn run(a: GcArgs) -> Result<i32> {
     })?;
     bar.finish_and_clear();
     if !a.dry_run {
-        store.close()?;
+        match std::sync::Arc::try_unwrap(store) {
+            Ok(s) => s.close()?,
+            Err(_) => anyhow::bail!("store still in use at exit"),
+        }
     }
     if a.json {
         let v = serde_json::json!({
@@ -65,11 +81,19 @@ pub fn run(a: GcArgs) -> Result<i32> {
             "chunks_released": r.chunks_released,
             "chunk_bytes_released": r.chunk_bytes_released,
             "damaged": r.damaged,
+            "links_removed": links_removed,
             "incomplete": r.incomplete,
             "seconds": r.elapsed.as_secs_f64(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        match links_removed {
+            Some(n) => println!("links: removed {n} repository links that no manifest names"),
+            None if a.dry_run => {
+                println!("links: not swept in a dry run (a real run may free more)")
+            }
+            None => {}
+        }
         println!(
             "gc{}: {} blobs scanned, {} unreferenced ({} within the grace period); {} {} blobs ({} bytes); {} chunks ({} stored bytes) left without references, for compaction to reclaim; {:.2}s",
             if r.dry_run { " (dry run)" } else { "" },

@@ -150,7 +150,7 @@ fn gc_dry_run_then_collect() {
     let o = orlop(&["gc", "--grace-secs", "3600", "--json"], &data);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(json(&o)["kept_young"], 1);
-    let o = orlop(&["gc", "--dry-run", "--json"], &data);
+    let o = orlop(&["gc", "--dry-run", "--json", "--grace-secs", "0"], &data);
     assert!(o.status.success(), "{}", text(&o));
     let v = json(&o);
     assert_eq!(
@@ -163,7 +163,7 @@ fn gc_dry_run_then_collect() {
         "a dry run changes nothing: {}",
         text(&o)
     );
-    let o = orlop(&["gc"], &data);
+    let o = orlop(&["gc", "--grace-secs", "0"], &data);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
         text(&o).contains("freed 1 blobs (500000 bytes)"),

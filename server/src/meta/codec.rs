@@ -163,6 +163,18 @@ pub fn encode_time(unix_ms: u64) -> Vec<u8> {
     v
 }
 
+/// The time in a timestamp row value.
+pub fn decode_time(v: &[u8]) -> Option<u64> {
+    match v {
+        [1, rest @ ..] if rest.len() == 8 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(rest);
+            Some(u64::from_le_bytes(b))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,8 +13,8 @@ pub mod codec;
 
 use crate::error::{ApiError, ApiResult};
 use crate::names::{RepoName, Tag};
-use codec::encode_time;
 pub use codec::ManifestMeta;
+use codec::{decode_time, encode_time};
 use orlop_engine::{Digest, Error as EngineError, Store, Txn};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -119,12 +119,48 @@ impl Registry {
         Ok(self.get(CF_LINKS, &rkey(repo, &d.to_key()))?.is_some())
     }
 
-    /// Links a stored blob into a repository (idempotent); the link holds a reference.
+    /// Whether `repo` links the blob; a link found is also *touched* (its
+    /// time renewed) when older than `touch_after_ms`, because the client
+    /// has just been told the blob exists and may name it in a manifest
+    /// next: the link sweep spares links touched within its grace period.
+    pub fn blob_linked_touch(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+        touch_after_ms: u64,
+    ) -> ApiResult<bool> {
+        let key = rkey(repo, &d.to_key());
+        let Some(cur) = self.get(CF_LINKS, &key)? else {
+            return Ok(false);
+        };
+        let now = now_unix_ms();
+        let old = decode_time(&cur).is_some_and(|t| now.saturating_sub(t) >= touch_after_ms);
+        if old {
+            let mut t = Txn::new();
+            t.expect(CF_LINKS, key.clone(), Some(cur));
+            t.put(CF_LINKS, key, encode_time(now));
+            match self.store.apply(t) {
+                // A concurrent touch or unlink won; either way the answer
+                // below is read again.
+                Ok(()) | Err(EngineError::Conflict { .. }) => {}
+                // Best effort: a store that refuses writes still serves reads.
+                Err(e) => tracing::warn!(error = %e, "could not renew a blob link"),
+            }
+            return self.blob_linked(repo, d);
+        }
+        Ok(true)
+    }
+
+    /// Links a stored blob into a repository (idempotent; an existing link
+    /// is touched); the link holds a reference.
     pub fn link_blob(&self, repo: &RepoName, d: &Digest) -> ApiResult<()> {
         let key = rkey(repo, &d.to_key());
         self.retry(|| {
-            if self.get(CF_LINKS, &key)?.is_some() {
-                return Ok(None);
+            if let Some(cur) = self.get(CF_LINKS, &key)? {
+                let mut t = Txn::new();
+                t.expect(CF_LINKS, key.clone(), Some(cur));
+                t.put(CF_LINKS, key.clone(), encode_time(now_unix_ms()));
+                return Ok(Some(t));
             }
             let mut t = Txn::new();
             t.expect(CF_LINKS, key.clone(), None);
@@ -245,8 +281,13 @@ impl Registry {
             self.check_blob(d, *size)?;
             let lkey = rkey(repo, &d.to_key());
             match self.get(CF_LINKS, &lkey)? {
-                // Keep the link in place until this manifest holds its own reference.
-                Some(cur) => t.expect(CF_LINKS, lkey, Some(cur)),
+                // Keep the link in place until this manifest holds its own
+                // reference, and touch it: a link sweep that read the old
+                // value (before this manifest existed) then conflicts.
+                Some(cur) => {
+                    t.expect(CF_LINKS, lkey.clone(), Some(cur));
+                    t.put(CF_LINKS, lkey, encode_time(now_unix_ms()));
+                }
                 // A blob the registry holds in another repository: link it here too.
                 None => {
                     t.expect(CF_LINKS, lkey.clone(), None);
@@ -441,6 +482,103 @@ impl Registry {
             .collect()
     }
 
+    /// The link sweep: removes each link that no manifest of its repository
+    /// names and that was not created or touched within `unused_ms`, dropping
+    /// the link's reference (the engine's collector then frees the blob if
+    /// that was the last). A link changed since it was read is kept.
+    pub fn sweep_links(
+        &self,
+        unused_ms: u64,
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> ApiResult<SweepReport> {
+        let mut rep = SweepReport::default();
+        let now = now_unix_ms();
+        let mut repos = Vec::new();
+        self.scan_all(CF_REPOS, |k, _| repos.push(k.to_vec()))?;
+        for repo in repos {
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let Ok(name) = RepoName::parse(&String::from_utf8_lossy(&repo)) else {
+                rep.damaged += 1;
+                continue;
+            };
+            let prefix = rkey(&name, b"");
+            let mut used = std::collections::HashSet::new();
+            let damaged_before = rep.damaged;
+            self.scan_prefix(CF_MANIFESTS, &prefix, |_, v| {
+                if let Some(m) = ManifestMeta::decode(v) {
+                    used.extend(m.blobs);
+                } else {
+                    rep.damaged += 1;
+                }
+            })?;
+            let mut unused = Vec::new();
+            self.scan_prefix(CF_LINKS, &prefix, |k, v| {
+                rep.links += 1;
+                let Some(d) = Digest::from_key(&k[prefix.len()..]).ok() else {
+                    rep.damaged += 1;
+                    return;
+                };
+                if used.contains(&d) {
+                    return;
+                }
+                match decode_time(v) {
+                    Some(t) if now.saturating_sub(t) >= unused_ms => {
+                        unused.push((k.to_vec(), v.to_vec(), d))
+                    }
+                    Some(_) => rep.kept_young += 1,
+                    None => rep.damaged += 1,
+                }
+            })?;
+            if rep.damaged > damaged_before {
+                // A row that cannot be read (a manifest row may name any
+                // link): leave the repository alone; fsck names the row.
+                continue;
+            }
+            for (key, cur, d) in unused {
+                if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let mut t = Txn::new();
+                t.expect(CF_LINKS, key.clone(), Some(cur));
+                t.delete(CF_LINKS, key);
+                t.drop_ref(&d);
+                match self.store.apply(t) {
+                    Ok(()) => rep.removed += 1,
+                    Err(EngineError::Conflict { .. }) => rep.kept_young += 1,
+                    // A link to a blob that is gone or already at zero
+                    // references: counts disagree; fsck names it.
+                    Err(e @ (EngineError::BlobUnknown(_) | EngineError::RefUnderflow(_))) => {
+                        tracing::warn!(error = %e, digest = %d, "link sweep: skipping a damaged link");
+                        rep.damaged += 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(rep)
+    }
+
+    fn scan_prefix(
+        &self,
+        cf: &str,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]),
+    ) -> ApiResult<()> {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.store.kv_scan(cf, prefix, after.as_deref(), 4096)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.clone());
+            for (k, v) in &page {
+                f(k, v);
+            }
+        }
+    }
+
     /// Recomputes every blob's expected reference count from the registry's
     /// rows and lists each blob whose stored count differs.
     pub fn audit_refs(&self) -> ApiResult<Vec<String>> {
@@ -500,6 +638,19 @@ impl Registry {
             }
         }
     }
+}
+
+/// What one link sweep did.
+#[derive(Clone, Debug, Default)]
+pub struct SweepReport {
+    /// Links scanned.
+    pub links: u64,
+    /// Links removed (each dropped its blob reference).
+    pub removed: u64,
+    /// Unused links kept: created, touched or changed within the grace period.
+    pub kept_young: u64,
+    /// Rows that could not be read; a repository with any is left alone.
+    pub damaged: u64,
 }
 
 /// A child manifest an index names must be in the repository, with the size
