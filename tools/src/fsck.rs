@@ -3,9 +3,7 @@
 use crate::StoreArgs;
 use anyhow::Result;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use orlop_engine::{Problem, Store};
-use std::io::IsTerminal;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -69,17 +67,7 @@ pub fn run(a: FsckArgs) -> Result<i32> {
     cfg.read_only = true;
     let store = std::sync::Arc::new(Store::open(cfg)?);
     let started = Instant::now();
-    let bar = if std::io::stderr().is_terminal() && !a.json {
-        let b = ProgressBar::new(0);
-        b.set_style(
-            ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} {elapsed}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = crate::progress_bar(!a.json, "");
     let report = store.verify_with_progress(&mut |p| {
         bar.set_prefix(p.phase);
         bar.set_length(p.total);

@@ -4,9 +4,7 @@
 use crate::StoreArgs;
 use anyhow::Result;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use orlop_engine::{GcOptions, Store};
-use std::io::IsTerminal;
 use std::time::Duration;
 
 #[derive(Args)]
@@ -42,17 +40,7 @@ pub fn run(a: GcArgs) -> Result<i32> {
             .map_err(|e| anyhow::anyhow!("sweeping repository links: {e}"))?;
         links_removed = Some(s.removed);
     }
-    let bar = if std::io::stderr().is_terminal() && !a.json {
-        let b = ProgressBar::new(0);
-        b.set_style(
-            ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} blobs {elapsed}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = crate::progress_bar(!a.json, "blobs");
     let opts = GcOptions {
         grace: Duration::from_secs(a.grace_secs),
         dry_run: a.dry_run,

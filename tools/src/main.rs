@@ -52,6 +52,23 @@ impl StoreArgs {
     }
 }
 
+/// A progress bar on stderr when it is a terminal (and `show`), else a
+/// hidden one; `unit` follows the counts ("blobs").
+pub fn progress_bar(show: bool, unit: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !(show && std::io::stderr().is_terminal()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(0);
+    let template = format!("{{prefix:>8}} [{{bar:40}}] {{pos}}/{{len}} {unit} {{elapsed}}");
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the registry (OCI Distribution / Docker Registry V2 API).

@@ -13,6 +13,17 @@ fn orlop(args: &[&str], data: &Path) -> Output {
         .unwrap_or_else(|e| panic!("run orlop: {e}"))
 }
 
+/// `orlop put FILE`; returns the digest it prints.
+fn put(file: &Path, data: &Path) -> String {
+    let o = orlop(&["put", file.to_str().unwrap_or_default()], data);
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -39,13 +50,7 @@ fn put_get_stats_fsck_and_a_flipped_bit() {
 
     let o = orlop(&["init"], &data);
     assert!(o.status.success(), "{}", text(&o));
-    let o = orlop(&["put", input.to_str().unwrap_or_default()], &data);
-    assert!(o.status.success(), "{}", text(&o));
-    let digest = String::from_utf8_lossy(&o.stdout)
-        .split(' ')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let digest = put(&input, &data);
     assert!(digest.starts_with("sha256:"), "{digest}");
 
     let out = dir.path().join("out.bin");
@@ -136,13 +141,7 @@ fn gc_dry_run_then_collect() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(&input, &content).unwrap_or_else(|e| panic!("{e}"));
-    let o = orlop(&["put", input.to_str().unwrap_or_default()], &data);
-    assert!(o.status.success(), "{}", text(&o));
-    let digest = String::from_utf8_lossy(&o.stdout)
-        .split(' ')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let digest = put(&input, &data);
     // `orlop put` takes no reference: the blob is garbage at once.
     let json = |o: &Output| -> serde_json::Value {
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
