@@ -244,6 +244,13 @@ impl Registry {
             self.ensure_repo(&mut t, repo)?;
             Ok(Some(t))
         })
+        .map_err(|e| match e {
+            // A blob the checks found, collected before the transaction
+            // applied (it had no references left): the manifest names
+            // missing content.
+            ApiError::BlobUnknown(d) if d != m.digest => ApiError::ManifestBlobUnknown(d),
+            e => e,
+        })
     }
 
     fn decode_manifest(&self, repo: &RepoName, d: &Digest, v: &[u8]) -> ApiResult<ManifestMeta> {
