@@ -9,7 +9,11 @@
 //! distinct blob and one on each distinct child manifest it names; a tag
 //! holds one on its manifest. A subject holds none.
 
+mod audit;
 pub mod codec;
+mod sweep;
+
+pub use sweep::SweepReport;
 
 use crate::error::{ApiError, ApiResult};
 use crate::names::{RepoName, Tag};
@@ -488,176 +492,6 @@ impl Registry {
             })
             .collect()
     }
-
-    /// The link sweep: removes each link that no manifest of its repository
-    /// names and that was not created or touched within `unused_ms`, dropping
-    /// the link's reference (the engine's collector then frees the blob if
-    /// that was the last). A link changed since it was read is kept.
-    pub fn sweep_links(
-        &self,
-        unused_ms: u64,
-        cancel: &std::sync::atomic::AtomicBool,
-    ) -> ApiResult<SweepReport> {
-        let mut rep = SweepReport::default();
-        let now = now_unix_ms();
-        let mut repos = Vec::new();
-        self.scan_all(CF_REPOS, |k, _| repos.push(k.to_vec()))?;
-        for repo in repos {
-            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                break;
-            }
-            let Ok(name) = RepoName::parse(&String::from_utf8_lossy(&repo)) else {
-                rep.damaged += 1;
-                continue;
-            };
-            let prefix = rkey(&name, b"");
-            let mut used = std::collections::HashSet::new();
-            let damaged_before = rep.damaged;
-            self.scan_prefix(CF_MANIFESTS, &prefix, |_, v| {
-                if let Some(m) = ManifestMeta::decode(v) {
-                    used.extend(m.blobs);
-                } else {
-                    rep.damaged += 1;
-                }
-            })?;
-            let mut unused = Vec::new();
-            self.scan_prefix(CF_LINKS, &prefix, |k, v| {
-                rep.links += 1;
-                let Some(d) = Digest::from_key(&k[prefix.len()..]).ok() else {
-                    rep.damaged += 1;
-                    return;
-                };
-                if used.contains(&d) {
-                    return;
-                }
-                match decode_time(v) {
-                    Some(t) if now.saturating_sub(t) >= unused_ms => {
-                        unused.push((k.to_vec(), v.to_vec(), d))
-                    }
-                    Some(_) => rep.kept_young += 1,
-                    None => rep.damaged += 1,
-                }
-            })?;
-            if rep.damaged > damaged_before {
-                // A row that cannot be read (a manifest row may name any
-                // link): leave the repository alone; fsck names the row.
-                continue;
-            }
-            for (key, cur, d) in unused {
-                if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                let mut t = Txn::new();
-                t.expect(CF_LINKS, key.clone(), Some(cur));
-                t.delete(CF_LINKS, key);
-                t.drop_ref(&d);
-                match self.store.apply(t) {
-                    Ok(()) => rep.removed += 1,
-                    Err(EngineError::Conflict { .. }) => rep.kept_young += 1,
-                    // A link to a blob that is gone or already at zero
-                    // references: counts disagree; fsck names it.
-                    Err(e @ (EngineError::BlobUnknown(_) | EngineError::RefUnderflow(_))) => {
-                        tracing::warn!(error = %e, digest = %d, "link sweep: skipping a damaged link");
-                        rep.damaged += 1;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
-        Ok(rep)
-    }
-
-    fn scan_prefix(
-        &self,
-        cf: &str,
-        prefix: &[u8],
-        mut f: impl FnMut(&[u8], &[u8]),
-    ) -> ApiResult<()> {
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self.store.kv_scan(cf, prefix, after.as_deref(), 4096)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(());
-            };
-            after = Some(last.clone());
-            for (k, v) in &page {
-                f(k, v);
-            }
-        }
-    }
-
-    /// Recomputes every blob's expected reference count from the registry's
-    /// rows and lists each blob whose stored count differs.
-    pub fn audit_refs(&self) -> ApiResult<Vec<String>> {
-        let mut expected: BTreeMap<Digest, u64> = BTreeMap::new();
-        let mut bump = |d: Digest| *expected.entry(d).or_insert(0) += 1;
-        let mut problems = Vec::new();
-        self.scan_all(CF_LINKS, |k, _| match split_digest_suffix(k) {
-            Some(d) => bump(d),
-            None => problems.push(format!("bad link row {}", hex::encode(k))),
-        })?;
-        self.scan_all(CF_TAGS, |k, v| match Digest::from_key(v) {
-            Ok(d) => bump(d),
-            Err(_) => problems.push(format!("bad tag row {}", String::from_utf8_lossy(k))),
-        })?;
-        self.scan_all(CF_MANIFESTS, |k, v| {
-            match (split_digest_suffix(k), ManifestMeta::decode(v)) {
-                (Some(own), Some(m)) => {
-                    for d in m.held_refs(&own) {
-                        bump(d.clone());
-                    }
-                }
-                _ => problems.push(format!("bad manifest row {}", hex::encode(k))),
-            }
-        })?;
-        let mut actual: BTreeMap<Digest, u64> = BTreeMap::new();
-        self.store.for_each_blob(|b| {
-            actual.insert(b.digest, b.refs);
-            Ok(())
-        })?;
-        for (d, want) in &expected {
-            match actual.get(d) {
-                None => problems.push(format!("{d}: referenced {want} times but not stored")),
-                Some(have) if have != want => {
-                    problems.push(format!("{d}: refcount {have}, registry rows hold {want}"))
-                }
-                Some(_) => {}
-            }
-        }
-        for (d, have) in &actual {
-            if *have > 0 && !expected.contains_key(d) {
-                problems.push(format!("{d}: refcount {have}, registry rows hold 0"));
-            }
-        }
-        Ok(problems)
-    }
-
-    fn scan_all(&self, cf: &str, mut f: impl FnMut(&[u8], &[u8])) -> ApiResult<()> {
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self.store.kv_scan(cf, b"", after.as_deref(), 4096)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(());
-            };
-            after = Some(last.clone());
-            for (k, v) in &page {
-                f(k, v);
-            }
-        }
-    }
-}
-
-/// What one link sweep did.
-#[derive(Clone, Debug, Default)]
-pub struct SweepReport {
-    /// Links scanned.
-    pub links: u64,
-    /// Links removed (each dropped its blob reference).
-    pub removed: u64,
-    /// Unused links kept: created, touched or changed within the grace period.
-    pub kept_young: u64,
-    /// Rows that could not be read; a repository with any is left alone.
-    pub damaged: u64,
 }
 
 /// A child manifest an index names must be in the repository, with the size
