@@ -42,6 +42,9 @@ pub struct ServerConfig {
     /// Blobs committed more recently than this are never collected (it
     /// covers the gap between an upload's commit and its first reference).
     pub gc_grace_secs: u64,
+    /// Each collection also deletes manifests untagged (and named by no
+    /// index, and not a referrer) for this long; 0 keeps them.
+    pub gc_untagged_age_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +66,7 @@ impl Default for ServerConfig {
             delete_enabled: true,
             gc_interval_secs: 3600,
             gc_grace_secs: 3600,
+            gc_untagged_age_secs: 0,
         }
     }
 }
@@ -147,6 +151,7 @@ impl ServerConfig {
             "DELETE_ENABLED" => self.delete_enabled = num(value).map_err(bad)?,
             "GC_INTERVAL_SECS" => self.gc_interval_secs = num(value).map_err(bad)?,
             "GC_GRACE_SECS" => self.gc_grace_secs = num(value).map_err(bad)?,
+            "GC_UNTAGGED_AGE_SECS" => self.gc_untagged_age_secs = num(value).map_err(bad)?,
             // Variables of other commands (ORLOP_LOG, ORLOP_STORE_KEY, ...).
             _ => {}
         }

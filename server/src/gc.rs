@@ -39,7 +39,22 @@ pub fn run(app: &App) -> Option<GcReport> {
     };
     let m = &app.metrics.gc;
     m.runs.inc();
-    // Links first: the blobs whose last reference they held are then
+    // Untagged manifests first (when asked), then links: each step can
+    // leave the next something to free.
+    if app.cfg.gc_untagged_age_secs > 0 {
+        let age_ms = app.cfg.gc_untagged_age_secs.saturating_mul(1000);
+        match app.registry.expire_untagged(age_ms, &app.gc_cancel) {
+            Ok(n) => {
+                m.untagged_deleted.inc_by(n);
+                tracing::info!(deleted = n, "untagged manifests expired");
+            }
+            Err(e) => {
+                m.failures.inc();
+                tracing::error!(error = %e, "expiring untagged manifests failed");
+            }
+        }
+    }
+    // Links next: the blobs whose last reference they held are then
     // collected in the same run once their own grace period is over.
     match app
         .registry

@@ -47,6 +47,7 @@ pub struct GcMetrics {
     pub failures: Counter,
     pub damaged: Counter,
     pub links_removed: Counter,
+    pub untagged_deleted: Counter,
     pub blobs_freed: Counter,
     pub bytes_freed: Counter,
     pub chunk_bytes_released: Counter,
@@ -156,6 +157,11 @@ impl Metrics {
                 &gc.damaged,
             ),
             ("orlop_gc_blobs_freed", "Blobs deleted by garbage collection", &gc.blobs_freed),
+            (
+                "orlop_gc_untagged_manifests_deleted",
+                "Untagged manifests deleted by garbage collection (gc_untagged_age_secs)",
+                &gc.untagged_deleted,
+            ),
             (
                 "orlop_gc_links_removed",
                 "Repository links no manifest named, removed by garbage collection",

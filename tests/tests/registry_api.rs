@@ -1095,3 +1095,74 @@ fn online_gc_collects_deleted_content() {
     assert_pulls(&c, "gc", "a", &a);
     reg.stop_and_fsck();
 }
+
+/// `gc_untagged_age_secs`: an untagged image is deleted (then its layers),
+/// a tagged one and a signature of it (an untagged referrer) stay.
+#[test]
+fn online_gc_expires_untagged_manifests() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let reg = Registry::start(
+        &dir.path().join("data"),
+        &[
+            ("ORLOP_GC_INTERVAL_SECS", "1"),
+            ("ORLOP_GC_GRACE_SECS", "1"),
+            ("ORLOP_GC_UNTAGGED_AGE_SECS", "1"),
+        ],
+    );
+    let c = reg.client();
+    let tagged = Image::with_layers("kept", vec![noise(80, 50_000)]);
+    push_image(&c, "u", "v1", &tagged);
+    let untagged = Image::with_layers("dropped", vec![noise(81, 60_000)]);
+    for b in untagged.blobs() {
+        push_blob(&c, "u", b);
+    }
+    let r = put_manifest(
+        &c,
+        "u",
+        &untagged.digest(),
+        OCI_MANIFEST,
+        &untagged.manifest,
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let empty = b"{}".to_vec();
+    push_blob(&c, "u", &empty);
+    push_blob(&c, "u", b"signature");
+    let sig = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.dev.cosign.simplesigning.v1+json",
+        "config": descriptor("application/vnd.oci.empty.v1+json", &empty),
+        "layers": [descriptor("application/octet-stream", b"signature")],
+        "subject": descriptor(OCI_MANIFEST, &tagged.manifest),
+    }))
+    .unwrap_or_default();
+    let r = put_manifest(&c, "u", &digest(&sig), OCI_MANIFEST, &sig);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+
+    let status = |path: String| {
+        c.req("HEAD", &path, &[("accept", OCI_MANIFEST)], b"")
+            .status
+    };
+    let untagged_layer = digest(&untagged.layers[0]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // Watched through metrics: a GET of the layer would renew its link.
+    // Freed: the untagged manifest, its config and its layer.
+    while metric(&c, "orlop_gc_blobs_freed_total") < 3.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the untagged image was not collected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert!(metric(&c, "orlop_gc_untagged_manifests_deleted_total") >= 1.0);
+    assert!(metric(&c, "orlop_gc_links_removed_total") >= 2.0);
+    assert_eq!(
+        status(format!("/v2/u/manifests/{}", untagged.digest())),
+        404
+    );
+    assert_eq!(c.get(&format!("/v2/u/blobs/{untagged_layer}")).status, 404);
+    assert_pulls(&c, "u", "v1", &tagged);
+    assert_eq!(status(format!("/v2/u/manifests/{}", digest(&sig))), 200);
+    let r = c.get(&format!("/v2/u/referrers/{}", tagged.digest()));
+    assert_eq!(r.json()["manifests"].as_array().map(Vec::len), Some(1));
+    reg.stop_and_fsck();
+}

@@ -20,6 +20,10 @@ pub struct GcArgs {
     /// unreferenced now.
     #[arg(long, default_value_t = 3600)]
     grace_secs: u64,
+    /// Also delete manifests that no tag and no index names (referrers such
+    /// as signatures excepted) and that were pushed this many seconds ago.
+    #[arg(long, value_name = "SECS")]
+    delete_untagged_older_than: Option<u64>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -31,8 +35,16 @@ pub fn run(a: GcArgs) -> Result<i32> {
     let store = std::sync::Arc::new(Store::open(cfg)?);
     // A registry's store: sweep links no manifest names first, as `serve` does.
     let mut links_removed = None;
+    let mut untagged_deleted = None;
     if !a.dry_run && store.has_column_family(orlop_server::meta::CF_LINKS) {
-        let s = orlop_server::Registry::new(store.clone())
+        let reg = orlop_server::Registry::new(store.clone());
+        if let Some(age) = a.delete_untagged_older_than {
+            let n = reg
+                .expire_untagged(age.saturating_mul(1000), &Default::default())
+                .map_err(|e| anyhow::anyhow!("deleting untagged manifests: {e}"))?;
+            untagged_deleted = Some(n);
+        }
+        let s = reg
             .sweep_links(
                 orlop_server::gc::unused_ms(a.grace_secs),
                 &Default::default(),
@@ -70,11 +82,17 @@ pub fn run(a: GcArgs) -> Result<i32> {
             "chunk_bytes_released": r.chunk_bytes_released,
             "damaged": r.damaged,
             "links_removed": links_removed,
+            "untagged_manifests_deleted": untagged_deleted,
             "incomplete": r.incomplete,
             "seconds": r.elapsed.as_secs_f64(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        if let Some(n) = untagged_deleted {
+            println!("untagged: deleted {n} manifests");
+        } else if a.dry_run && a.delete_untagged_older_than.is_some() {
+            println!("untagged: not deleted in a dry run");
+        }
         match links_removed {
             Some(n) => println!("links: removed {n} repository links that no manifest names"),
             None if a.dry_run => {

@@ -222,8 +222,13 @@ impl Registry {
         self.retry(|| {
             let mut t = Txn::new();
             let mut rows = Rows::new(self, repo);
-            if rows.get(&m.digest)?.is_none() {
-                self.add_manifest_rows(&mut t, &mut rows, repo, m)?;
+            match rows.get(&m.digest)? {
+                None => self.add_manifest_rows(&mut t, &mut rows, repo, m)?,
+                // Pushed again: untagged expiry's age counts from now, and an
+                // expiry that read the old row conflicts.
+                Some(row) => {
+                    row.created_unix_ms = now_unix_ms().max(row.created_unix_ms.saturating_add(1))
+                }
             }
             if let Some(tag) = tag {
                 let tkey = rkey(repo, tag.as_str().as_bytes());
@@ -331,14 +336,32 @@ impl Registry {
 
     /// Deletes a manifest, every tag that points at it, and its referrer row.
     pub fn delete_manifest(&self, repo: &RepoName, d: &Digest) -> ApiResult<()> {
+        self.delete_manifest_if(repo, d, |_| true).map(|_| ())
+    }
+
+    /// Deletes a manifest as [`Registry::delete_manifest`] does, but only if
+    /// `keep_going` holds for its row as read; the transaction expects that
+    /// row, so a tag added meanwhile (the row counts its tags) stops it.
+    /// Returns whether it deleted.
+    pub fn delete_manifest_if(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+        keep_going: impl Fn(&ManifestMeta) -> bool,
+    ) -> ApiResult<bool> {
         let mkey = rkey(repo, &d.to_key());
         let dkey = d.to_key();
+        let mut deleted = false;
         self.retry(|| {
+            deleted = false;
             let cur = self
                 .get(CF_MANIFESTS, &mkey)?
                 .ok_or_else(|| ApiError::ManifestUnknown(d.to_string()))?;
             let meta = ManifestMeta::decode(&cur)
                 .ok_or_else(|| ApiError::Damaged(format!("manifest row of {repo}@{d}")))?;
+            if !keep_going(&meta) {
+                return Ok(None);
+            }
             if meta.parents > 0 {
                 let parent = self
                     .store
@@ -365,8 +388,10 @@ impl Registry {
                 t.delete(CF_TAGS, tkey);
                 t.drop_ref(d);
             }
+            deleted = true;
             Ok(Some(t))
-        })
+        })?;
+        Ok(deleted)
     }
 
     fn release_child(

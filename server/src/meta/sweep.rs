@@ -119,3 +119,63 @@ impl Registry {
         }
     }
 }
+
+impl Registry {
+    /// Deletes manifests that no tag and no index of their repository names
+    /// and that are older than `age_ms`, except referrers (signatures,
+    /// SBOMs: manifests with a subject), which stay with their subject.
+    /// Children of a deleted index become candidates of a later run.
+    /// Returns how many it deleted.
+    pub fn expire_untagged(
+        &self,
+        age_ms: u64,
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> ApiResult<u64> {
+        let now = now_unix_ms();
+        let expired = |m: &ManifestMeta| {
+            m.tags == 0
+                && m.parents == 0
+                && m.subject.is_none()
+                && now.saturating_sub(m.created_unix_ms) >= age_ms
+        };
+        let mut repos = Vec::new();
+        self.scan_all(CF_REPOS, |k, _| repos.push(k.to_vec()))?;
+        let mut deleted = 0;
+        for repo in repos {
+            let Ok(name) = RepoName::parse(&String::from_utf8_lossy(&repo)) else {
+                continue;
+            };
+            let prefix = rkey(&name, b"");
+            let mut found = Vec::new();
+            self.scan_prefix(CF_MANIFESTS, &prefix, |k, v| {
+                let m = ManifestMeta::decode(v);
+                if let (Some(m), Ok(d)) = (m, Digest::from_key(&k[prefix.len()..])) {
+                    if expired(&m) {
+                        found.push(d);
+                    }
+                }
+            })?;
+            for d in found {
+                if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(deleted);
+                }
+                match self.delete_manifest_if(&name, &d, expired) {
+                    Ok(true) => deleted += 1,
+                    // Tagged, named by an index or deleted meanwhile.
+                    Ok(false)
+                    | Err(crate::error::ApiError::ManifestReferenced { .. })
+                    | Err(crate::error::ApiError::ManifestUnknown(_)) => {}
+                    // A damaged row or a hot one: the others go on.
+                    Err(
+                        e @ (crate::error::ApiError::Damaged(_)
+                        | crate::error::ApiError::TooManyRequests(_)),
+                    ) => {
+                        tracing::warn!(repo = %name, digest = %d, error = %e, "untagged expiry: skipping a manifest");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(deleted)
+    }
+}
