@@ -33,16 +33,12 @@ impl Registry {
     ) -> ApiResult<SweepReport> {
         let mut rep = SweepReport::default();
         let now = now_unix_ms();
-        let mut repos = Vec::new();
-        self.scan_all(CF_REPOS, |k, _| repos.push(k.to_vec()))?;
-        for repo in repos {
+        let (repos, bad) = self.repo_names()?;
+        rep.damaged += bad;
+        for name in repos {
             if cancel.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
-            let Ok(name) = RepoName::parse(&String::from_utf8_lossy(&repo)) else {
-                rep.damaged += 1;
-                continue;
-            };
             let prefix = rkey(&name, b"");
             let mut used = std::collections::HashSet::new();
             let damaged_before = rep.damaged;
@@ -100,6 +96,18 @@ impl Registry {
         Ok(rep)
     }
 
+    /// Every repository's name, and how many rows held no valid name.
+    fn repo_names(&self) -> ApiResult<(Vec<RepoName>, u64)> {
+        let (mut names, mut bad) = (Vec::new(), 0);
+        self.scan_all(CF_REPOS, |k, _| {
+            match RepoName::parse(&String::from_utf8_lossy(k)) {
+                Ok(n) => names.push(n),
+                Err(_) => bad += 1,
+            }
+        })?;
+        Ok((names, bad))
+    }
+
     fn scan_prefix(
         &self,
         cf: &str,
@@ -118,9 +126,7 @@ impl Registry {
             }
         }
     }
-}
 
-impl Registry {
     /// Deletes manifests that no tag and no index of their repository names
     /// and that are older than `age_ms`, except referrers (signatures,
     /// SBOMs: manifests with a subject), which stay with their subject.
@@ -138,13 +144,8 @@ impl Registry {
                 && m.subject.is_none()
                 && now.saturating_sub(m.created_unix_ms) >= age_ms
         };
-        let mut repos = Vec::new();
-        self.scan_all(CF_REPOS, |k, _| repos.push(k.to_vec()))?;
         let mut deleted = 0;
-        for repo in repos {
-            let Ok(name) = RepoName::parse(&String::from_utf8_lossy(&repo)) else {
-                continue;
-            };
+        for name in self.repo_names()?.0 {
             let prefix = rkey(&name, b"");
             let mut found = Vec::new();
             self.scan_prefix(CF_MANIFESTS, &prefix, |k, v| {
