@@ -6,7 +6,8 @@
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, Digest, RecipeId};
 use crate::index::codec::{
-    recipe_prefix, staged_key, BlobEntry, ChunkEntry, HeldEntry, Location, RecipePart, SegmentEntry,
+    recipe_prefix, recipe_range, staged_key, BlobEntry, ChunkEntry, HeldEntry, Location,
+    RecipePart, SegmentEntry,
 };
 use crate::index::{
     Index, CF_BLOBS, CF_CHUNKS, CF_HELD, CF_PENDING, CF_RECIPES, CF_SEGMENTS, CF_STAGED,
@@ -119,12 +120,7 @@ pub(crate) fn delete_staging(
     recipe: RecipeId,
     committed: bool,
 ) -> Result<()> {
-    let from = recipe_prefix(recipe);
-    let to = recipe
-        .0
-        .checked_add(1)
-        .map(|n| n.to_be_bytes())
-        .unwrap_or([0xff; 8]);
+    let (from, to) = recipe_range(recipe);
     if !committed {
         batch.delete_range_cf(index.cf(CF_RECIPES)?, from, to);
     }

@@ -18,7 +18,7 @@
 use crate::commit::{Overlay, Request};
 use crate::error::Result;
 use crate::ids::{ChunkId, Digest};
-use crate::index::codec::{recipe_prefix, BlobEntry, ChunkEntry, RecipePart};
+use crate::index::codec::{recipe_prefix, recipe_range, BlobEntry, ChunkEntry, RecipePart};
 use crate::index::{Index, CF_BLOBS, CF_RECIPES};
 use crate::store::{now_unix_ms, Store};
 use crate::verify::Progress;
@@ -313,13 +313,7 @@ pub(crate) fn collect(
         };
         count_released(&mut out, &changed);
         ov.chunks.extend(changed);
-        let from = recipe_prefix(e.recipe);
-        let to = e
-            .recipe
-            .0
-            .checked_add(1)
-            .map(|n| n.to_be_bytes())
-            .unwrap_or([0xff; 8]);
+        let (from, to) = recipe_range(e.recipe);
         batch.delete_range_cf(recipes, from, to);
         ov.blobs.insert(d.clone(), None);
         out.freed += 1;

@@ -6,7 +6,7 @@
 use crate::app::App;
 use orlop_engine::{GcOptions, GcReport};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// How long a link must go unused before the sweep removes it: 1.5 x the
 /// grace, since HEAD and GET renew a link only once it is older than half
@@ -84,12 +84,9 @@ pub fn run(app: &App) -> Option<GcReport> {
             m.bytes_freed.inc_by(r.bytes_freed);
             m.chunk_bytes_released.inc_by(r.chunk_bytes_released);
             m.last_duration_seconds.set(r.elapsed.as_secs_f64());
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let now_secs = crate::meta::now_unix_ms() / 1000;
             m.last_success_unix_seconds
-                .set(i64::try_from(now).unwrap_or(i64::MAX));
+                .set(i64::try_from(now_secs).unwrap_or(i64::MAX));
             tracing::info!(
                 blobs_scanned = r.blobs_scanned,
                 unreferenced = r.unreferenced_blobs,

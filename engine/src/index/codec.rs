@@ -191,6 +191,18 @@ pub fn recipe_prefix(recipe: RecipeId) -> [u8; 8] {
     recipe.0.to_be_bytes()
 }
 
+/// The key range `[from, to)` holding every row of one recipe (its parts,
+/// staged placements, pending and held markers) in the column families
+/// keyed by recipe id first.
+pub fn recipe_range(recipe: RecipeId) -> ([u8; 8], [u8; 8]) {
+    let to = recipe
+        .0
+        .checked_add(1)
+        .map(|n| n.to_be_bytes())
+        .unwrap_or([0xff; 8]);
+    (recipe_prefix(recipe), to)
+}
+
 /// A write held across restarts: the state of its last checkpoint (a
 /// resumable upload). Its recipe parts `0..parts` and the staged placements
 /// they need were made durable together with this entry.

@@ -54,17 +54,7 @@ impl Registry {
         Ok(problems)
     }
 
-    pub(super) fn scan_all(&self, cf: &str, mut f: impl FnMut(&[u8], &[u8])) -> ApiResult<()> {
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self.store.kv_scan(cf, b"", after.as_deref(), 4096)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(());
-            };
-            after = Some(last.clone());
-            for (k, v) in &page {
-                f(k, v);
-            }
-        }
+    pub(super) fn scan_all(&self, cf: &str, f: impl FnMut(&[u8], &[u8])) -> ApiResult<()> {
+        self.scan_prefix(cf, b"", f)
     }
 }

@@ -141,8 +141,7 @@ impl Registry {
         let old = decode_time(&cur).is_some_and(|t| now.saturating_sub(t) >= touch_after_ms);
         if old {
             let mut t = Txn::new();
-            t.expect(CF_LINKS, key.clone(), Some(cur));
-            t.put(CF_LINKS, key, encode_time(now));
+            Self::touch_link(&mut t, key, cur);
             match self.store.apply(t) {
                 // A concurrent touch or unlink won; either way the answer
                 // below is read again.
@@ -162,8 +161,7 @@ impl Registry {
         self.retry(|| {
             if let Some(cur) = self.get(CF_LINKS, &key)? {
                 let mut t = Txn::new();
-                t.expect(CF_LINKS, key.clone(), Some(cur));
-                t.put(CF_LINKS, key.clone(), encode_time(now_unix_ms()));
+                Self::touch_link(&mut t, key.clone(), cur);
                 return Ok(Some(t));
             }
             let mut t = Txn::new();
@@ -300,10 +298,7 @@ impl Registry {
                 // Keep the link in place until this manifest holds its own
                 // reference, and touch it: a link sweep that read the old
                 // value (before this manifest existed) then conflicts.
-                Some(cur) => {
-                    t.expect(CF_LINKS, lkey.clone(), Some(cur));
-                    t.put(CF_LINKS, lkey, encode_time(now_unix_ms()));
-                }
+                Some(cur) => Self::touch_link(t, lkey, cur),
                 // A blob the registry holds in another repository: link it here too.
                 None => {
                     t.expect(CF_LINKS, lkey.clone(), None);
@@ -418,19 +413,41 @@ impl Registry {
     }
 
     fn tags_pointing_at(&self, repo: &RepoName, d: &Digest) -> ApiResult<Vec<(Vec<u8>, Vec<u8>)>> {
-        let prefix = rkey(repo, b"");
         let want = d.to_key();
         let mut out = Vec::new();
+        self.scan_prefix(CF_TAGS, &rkey(repo, b""), |k, v| {
+            if *v == want {
+                out.push((k.to_vec(), v.to_vec()));
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` on every row of `cf` whose key starts with `prefix`, in
+    /// key order, reading pages of bounded size.
+    fn scan_prefix(
+        &self,
+        cf: &str,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]),
+    ) -> ApiResult<()> {
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = self
-                .store
-                .kv_scan(CF_TAGS, &prefix, after.as_deref(), 1024)?;
-            let Some((last, _)) = page.last() else { break };
+            let page = self.store.kv_scan(cf, prefix, after.as_deref(), 4096)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
             after = Some(last.clone());
-            out.extend(page.into_iter().filter(|(_, v)| *v == want));
+            for (k, v) in &page {
+                f(k, v);
+            }
         }
-        Ok(out)
+    }
+
+    /// Renews a link's time in `t`, expecting the value `cur` it was read with.
+    fn touch_link(t: &mut Txn, key: Vec<u8>, cur: Vec<u8>) {
+        t.expect(CF_LINKS, key.clone(), Some(cur));
+        t.put(CF_LINKS, key, encode_time(now_unix_ms()));
     }
 
     /// Removes one tag; false when the tag did not exist.

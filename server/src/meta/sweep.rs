@@ -108,25 +108,6 @@ impl Registry {
         Ok((names, bad))
     }
 
-    fn scan_prefix(
-        &self,
-        cf: &str,
-        prefix: &[u8],
-        mut f: impl FnMut(&[u8], &[u8]),
-    ) -> ApiResult<()> {
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self.store.kv_scan(cf, prefix, after.as_deref(), 4096)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(());
-            };
-            after = Some(last.clone());
-            for (k, v) in &page {
-                f(k, v);
-            }
-        }
-    }
-
     /// Deletes manifests that no tag and no index of their repository names
     /// and that are older than `age_ms`, except referrers (signatures,
     /// SBOMs: manifests with a subject), which stay with their subject.
