@@ -45,6 +45,13 @@ pub(crate) enum Request {
         add: bool,
         reply: Sender<Result<u64>>,
     },
+    /// Switches chunk entries to the copies compaction made, and drops
+    /// zero-count entries of the segments it empties (see [`crate::compact`]).
+    Relocate {
+        moves: Vec<crate::compact::Move>,
+        drops: Vec<(ChunkId, Location)>,
+        reply: Sender<Result<crate::compact::RelocateOutcome>>,
+    },
     /// Makes a checkpointed write durable and keeps it across restarts.
     Hold {
         recipe: RecipeId,
@@ -65,6 +72,8 @@ pub(crate) struct Overlay {
     pub chunks: HashMap<ChunkId, ChunkEntry>,
     /// `None`: the blob was collected by an earlier request of the group.
     pub blobs: HashMap<Digest, Option<BlobEntry>>,
+    /// Chunk entries deleted by compaction (unless written again in `chunks`).
+    pub removed_chunks: HashSet<ChunkId>,
     inserted: HashSet<ChunkId>,
     finished_recipes: HashSet<RecipeId>,
     /// Values written by earlier transactions of the group, for their checks.
@@ -75,6 +84,7 @@ impl Overlay {
     pub fn chunk(&self, index: &Index, id: &ChunkId) -> Result<Option<ChunkEntry>> {
         match self.chunks.get(id) {
             Some(e) => Ok(Some(*e)),
+            None if self.removed_chunks.contains(id) => Ok(None),
             None => index.chunk(id),
         }
     }
@@ -138,7 +148,12 @@ fn process(inner: &Inner, group: Vec<Request>) {
     }
     let needs_sync = group
         .iter()
-        .any(|r| matches!(r, Request::Commit { .. } | Request::Hold { .. }));
+        .any(|r| {
+            matches!(
+                r,
+                Request::Commit { .. } | Request::Hold { .. } | Request::Relocate { .. }
+            )
+        });
     let durable = if needs_sync {
         let t = std::time::Instant::now();
         let d = inner.segments.sync_active();
@@ -170,7 +185,7 @@ fn process(inner: &Inner, group: Vec<Request>) {
                 reply,
             } => {
                 let r = commit_blob(
-                    index,
+                    inner,
                     &mut ov,
                     &mut batch,
                     recipe,
@@ -197,6 +212,14 @@ fn process(inner: &Inner, group: Vec<Request>) {
             } => {
                 let r =
                     crate::gc::collect(index, &mut ov, &mut batch, &digests, now_unix_ms, grace_ms);
+                replies.push(deferred(reply, r));
+            }
+            Request::Relocate {
+                moves,
+                drops,
+                reply,
+            } => {
+                let r = crate::compact::relocate(index, &mut ov, &moves, &drops);
                 replies.push(deferred(reply, r));
             }
             Request::Hold {
@@ -266,6 +289,7 @@ fn fail_all(group: Vec<Request>, e: &Error) {
             | Request::Hold { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
             Request::Ref { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
             Request::Collect { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
+            Request::Relocate { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
             Request::Shutdown => {}
         }
     }
@@ -278,6 +302,9 @@ fn finish_batch(
     durable: Option<(crate::SegmentId, u64)>,
 ) -> Result<()> {
     let chunks = index.cf(CF_CHUNKS)?;
+    for id in ov.removed_chunks.iter().filter(|id| !ov.chunks.contains_key(*id)) {
+        batch.delete_cf(chunks, id.0);
+    }
     for (id, e) in &ov.chunks {
         batch.put_cf(chunks, id.0, e.encode());
     }
@@ -308,7 +335,7 @@ fn finish_batch(
 
 #[allow(clippy::too_many_arguments)]
 fn commit_blob(
-    index: &Index,
+    inner: &Inner,
     ov: &mut Overlay,
     batch: &mut WriteBatch,
     recipe: RecipeId,
@@ -317,6 +344,7 @@ fn commit_blob(
     chunk_count: u64,
     created_unix_ms: u64,
 ) -> Result<BlobEntry> {
+    let index = &*inner.index;
     ov.finished_recipes.insert(recipe);
     if let Some(mut existing) = ov.blob(index, digest)? {
         // Already stored: this write's recipe is redundant.
@@ -347,6 +375,18 @@ fn commit_blob(
             let next = match cur {
                 Some(mut c) => {
                     c.refs += 1;
+                    // Stored in a segment a compaction is emptying: this
+                    // writer stored a fresh copy (see write.rs), which
+                    // becomes the chunk's home, so compaction may not have
+                    // copied it (it had no references when it looked).
+                    if inner.is_retiring(c.loc.segment) {
+                        if let Some(v) = index.get(CF_STAGED, &staged_key(recipe, &e.chunk))? {
+                            let loc = Location::decode(&v, CF_STAGED)?;
+                            if !inner.is_retiring(loc.segment) {
+                                c.loc = loc;
+                            }
+                        }
+                    }
                     c
                 }
                 None => {

@@ -7,6 +7,7 @@
 
 mod chunker;
 mod commit;
+mod compact;
 mod compress;
 mod config;
 mod crypto;
@@ -24,6 +25,7 @@ mod txn;
 mod verify;
 mod write;
 
+pub use compact::{CompactOptions, CompactReport};
 pub use config::{ChunkParams, IoBackend, KeySource, Observer, StoreConfig};
 pub use error::{Error, Result};
 pub use gc::{GcOptions, GcReport};

@@ -70,7 +70,15 @@ pub(crate) fn fetch_chunk(inner: &Inner, e: &RecipeEntry) -> Result<Bytes> {
             reason: format!("chunk {} length differs from its recipe", e.chunk),
         });
     }
-    load_chunk(inner, &e.chunk, &entry)
+    match load_chunk(inner, &e.chunk, &entry) {
+        // Compaction moved the chunk and removed its old segment between
+        // the lookup and the read: read it where it is now.
+        Err(Error::SegmentMissing(seg)) => match inner.index.chunk(&e.chunk)? {
+            Some(now) if now.loc != entry.loc => load_chunk(inner, &e.chunk, &now),
+            _ => Err(Error::SegmentMissing(seg)),
+        },
+        r => r,
+    }
 }
 
 /// Loads a chunk of an uncommitted (held) write: from the index if it is

@@ -16,8 +16,9 @@ use crate::txn::Txn;
 use crate::write::BlobWriter;
 use crossbeam_channel::Sender;
 use rocksdb::WriteBatch;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 /// Recipe ids are reserved durably in blocks of this many.
@@ -56,6 +57,58 @@ pub(crate) struct Inner {
     pub inflight: Mutex<HashMap<ChunkId, (Location, RecipeId)>>,
     pub commit_tx: Sender<Request>,
     recipe_ids: Mutex<(u64, u64)>,
+    /// Live writers, for compaction (see [`crate::compact`]).
+    pub writers: Mutex<Writers>,
+    /// Segments a compaction is emptying: a writer's lookup that finds a
+    /// chunk in one of them stores a fresh copy instead of deduplicating.
+    pub retiring: RwLock<HashSet<SegmentId>>,
+    retiring_any: AtomicBool,
+}
+
+/// The live writers: each one's *floor* (the lowest segment its appends,
+/// or placements it shares from another writer, can be in) and the
+/// compaction generation it started in.
+#[derive(Default)]
+pub(crate) struct Writers {
+    next: u64,
+    pub generation: u64,
+    pub live: BTreeMap<u64, (Arc<AtomicU64>, u64)>,
+}
+
+/// A writer's registration; dropping it ends it.
+pub(crate) struct WriterTicket {
+    inner: Arc<Inner>,
+    id: u64,
+    pub floor: Arc<AtomicU64>,
+}
+
+impl WriterTicket {
+    /// Another live writer's uncommitted placement of `id`, if any; the
+    /// floor drops to its segment under the registry lock, so a compaction
+    /// choosing segments either sees the lowered floor or the owner's.
+    pub fn share_inflight(&self, id: &ChunkId) -> Option<Location> {
+        let _g = self.inner.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let loc = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|v| v.0)?;
+        self.floor.fetch_min(loc.segment.0, Ordering::SeqCst);
+        Some(loc)
+    }
+}
+
+impl Drop for WriterTicket {
+    fn drop(&mut self) {
+        self.inner
+            .writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .live
+            .remove(&self.id);
+    }
 }
 
 /// An open store. Cheap to share behind an `Arc`; dropping it shuts down cleanly.
@@ -72,6 +125,37 @@ pub(crate) fn now_unix_ms() -> u64 {
 }
 
 impl Inner {
+    /// Registers a writer before its first lookup or append.
+    pub fn register_writer(self: &Arc<Self>) -> Result<WriterTicket> {
+        let mut g = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let floor = Arc::new(AtomicU64::new(self.segments.append_floor()?.0));
+        g.next += 1;
+        let id = g.next;
+        let generation = g.generation;
+        g.live.insert(id, (floor.clone(), generation));
+        Ok(WriterTicket {
+            inner: self.clone(),
+            id,
+            floor,
+        })
+    }
+
+    pub fn is_retiring(&self, seg: SegmentId) -> bool {
+        self.retiring_any.load(Ordering::SeqCst)
+            && self
+                .retiring
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&seg)
+    }
+
+    /// Replaces the retiring set (compaction only).
+    pub fn set_retiring(&self, segs: HashSet<SegmentId>) {
+        let mut g = self.retiring.write().unwrap_or_else(|p| p.into_inner());
+        self.retiring_any.store(!segs.is_empty(), Ordering::SeqCst);
+        *g = segs;
+    }
+
     pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
         ChunkId(*blake3::keyed_hash(&self.naming_key, data).as_bytes())
     }
@@ -153,6 +237,9 @@ impl Store {
             inflight: Mutex::new(HashMap::new()),
             commit_tx: tx,
             recipe_ids: Mutex::new((next_recipe, next_recipe)),
+            writers: Mutex::new(Writers::default()),
+            retiring: RwLock::new(HashSet::new()),
+            retiring_any: AtomicBool::new(false),
         });
         let committer = if inner.cfg.read_only {
             None

@@ -19,7 +19,7 @@ use crate::index::codec::{
 use crate::index::{CF_PENDING, CF_RECIPES, CF_STAGED};
 use crate::segment::format::{FLAG_ZSTD, RECORD_HEADER_BYTES};
 use crate::segment::PreparedChunk;
-use crate::store::{now_unix_ms, BlobInfo, Inner, INFLIGHT_CHUNKS_MAX};
+use crate::store::{now_unix_ms, BlobInfo, Inner, WriterTicket, INFLIGHT_CHUNKS_MAX};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use rayon::prelude::*;
@@ -107,6 +107,9 @@ pub struct BlobWriter {
     tx: Option<Sender<Input>>,
     worker: Option<JoinHandle<Result<WorkerSummary>>>,
     finished: bool,
+    /// Registration among live writers (compaction spares what it may use);
+    /// dropped last, after the commit or abort.
+    _ticket: Arc<WriterTicket>,
 }
 
 impl BlobWriter {
@@ -134,11 +137,13 @@ impl BlobWriter {
         expected: Option<Digest>,
         from: Start,
     ) -> Result<Self> {
+        let ticket = Arc::new(inner.register_writer()?);
         let (tx, rx) = crossbeam_channel::bounded(inner.cfg.write_pipeline_pieces_max);
         let i2 = inner.clone();
+        let t2 = ticket.clone();
         let worker = std::thread::Builder::new()
             .name("orlop-chunker".into())
-            .spawn(move || chunk_worker(i2, recipe, rx, from))
+            .spawn(move || chunk_worker(i2, recipe, rx, from, t2))
             .map_err(|e| Error::io("chunker thread", e))?;
         Ok(BlobWriter {
             inner,
@@ -149,6 +154,7 @@ impl BlobWriter {
             tx: Some(tx),
             worker: Some(worker),
             finished: false,
+            _ticket: ticket,
         })
     }
 
@@ -487,6 +493,7 @@ fn chunk_worker(
     recipe: RecipeId,
     rx: Receiver<Input>,
     from: Start,
+    ticket: Arc<WriterTicket>,
 ) -> Result<WorkerSummary> {
     let (atx, arx) = crossbeam_channel::bounded::<AppendMsg>(APPEND_QUEUE_CHUNKS);
     std::thread::scope(|scope| {
@@ -494,7 +501,7 @@ fn chunk_worker(
             .name("orlop-append".into())
             .spawn_scoped(scope, || append_stage(&inner, recipe, arx))
             .map_err(|e| Error::io("append thread", e))?;
-        let cut = CutStage::new(&inner, recipe, atx, from).and_then(|stage| stage.run(rx));
+        let cut = CutStage::new(&inner, recipe, atx, from, ticket).and_then(|stage| stage.run(rx));
         let appended = appender
             .join()
             .map_err(|_| Error::Config("append thread panicked".into()))?;
@@ -519,6 +526,7 @@ struct CutStage<'a> {
     /// replaced by one that is not yet durable, so from then on a chunk
     /// already staged for this write is not staged again.
     held: bool,
+    ticket: Arc<WriterTicket>,
 }
 
 impl<'a> CutStage<'a> {
@@ -527,6 +535,7 @@ impl<'a> CutStage<'a> {
         recipe: RecipeId,
         atx: Sender<AppendMsg>,
         from: Start,
+        ticket: Arc<WriterTicket>,
     ) -> Result<Self> {
         Ok(CutStage {
             inner,
@@ -551,6 +560,7 @@ impl<'a> CutStage<'a> {
             batch: Vec::with_capacity(CUT_BATCH_CHUNKS),
             atx,
             held: from.parts > 0,
+            ticket,
         })
     }
 
@@ -617,7 +627,13 @@ impl<'a> CutStage<'a> {
         let mut named = Vec::with_capacity(self.batch.len());
         for chunk in std::mem::take(&mut self.batch) {
             let id = inner.chunk_id(&chunk);
-            let is_new = inner.index.chunk(&id)?.is_none()
+            // A chunk stored in a segment a compaction is emptying is
+            // written afresh: compaction may drop it once it has no references.
+            let stored = inner
+                .index
+                .chunk(&id)?
+                .is_some_and(|e| !inner.is_retiring(e.loc.segment));
+            let is_new = !stored
                 && !self.sent.contains(&id)
                 && !(self.held && self.staged_here(&id)?);
             let compress = is_new && looks_compressible(&chunk);
@@ -652,12 +668,10 @@ impl<'a> CutStage<'a> {
             let raw_len = chunk.len() as u32;
             // Checked again here: the same new chunk may occur twice in one batch.
             if let (Some((flags, record)), false) = (prepared, self.sent.contains(&id)) {
-                let shared = inner
-                    .inflight
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&id)
-                    .map(|v| v.0);
+                // Looked up under the writer registry's lock: if another
+                // writer's placement is shared, its segment becomes this
+                // write's floor before a compaction can choose it.
+                let shared = self.ticket.share_inflight(&id);
                 match shared {
                     // Appended by another writer, not yet committed: share its placement.
                     Some(loc) => self.spill.batch.put_cf(

@@ -221,6 +221,101 @@ impl Segments {
         })
     }
 
+    /// Appends an already sealed record (header ‖ payload, as read from
+    /// another segment) unchanged: compaction moves ciphertext, whose nonce
+    /// is in its header, without re-encrypting. Checks the record first.
+    pub fn append_raw(&self, record: &[u8]) -> Result<Location> {
+        self.check_writable()?;
+        let h = RecordHeader::decode(record)
+            .filter(|h| h.total_len() == record.len() as u64 && RecordHeader::checksum_ok(record))
+            .ok_or_else(|| Error::Config("compaction: a record to move fails its checks".into()))?;
+        let record_len = record.len() as u64;
+        let mut guard = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        self.check_writable()?;
+        let full = match guard.as_ref() {
+            None => true,
+            Some(a) => a.offset + record_len > self.segment_bytes - FOOTER_BYTES,
+        };
+        if full {
+            if let Some(a) = guard.take() {
+                self.seal(a)?;
+            }
+            *guard = Some(self.create()?);
+        }
+        let a = guard.as_mut().ok_or(Error::Poisoned)?;
+        let offset = a.offset as u32;
+        if let Err(e) = a.file.write_at(record, a.offset) {
+            let id = a.id;
+            self.poison(&e);
+            *guard = None;
+            return Err(Error::io(self.path_of(id), e));
+        }
+        a.offset += record_len;
+        a.record_count += 1;
+        a.data_crc = format::chain_record_crc(a.data_crc, &record[..RECORD_HEADER_BYTES]);
+        Ok(Location {
+            segment: a.id,
+            offset,
+            payload_len: h.payload_len,
+            raw_len: h.raw_len,
+            flags: h.flags,
+        })
+    }
+
+    /// The lowest segment id an append made from now on can land in: the
+    /// active segment, or the next one to be created.
+    pub fn append_floor(&self) -> Result<SegmentId> {
+        let g = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        match g.as_ref() {
+            Some(a) => Ok(a.id),
+            None => Ok(SegmentId(self.index.meta_u64(META_NEXT_SEGMENT)?.unwrap_or(1))),
+        }
+    }
+
+    /// Forgets a sealed segment and deletes its file. Readers that already
+    /// hold the file keep reading it (an unlinked file stays readable); new
+    /// lookups find it missing and re-read the chunk's (moved) location.
+    pub fn remove_sealed(&self, id: SegmentId) -> Result<()> {
+        let is_active = self
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|a| a.id == id);
+        if is_active {
+            return Err(Error::Config(format!("segment {id} is the active segment")));
+        }
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        let path = self.path_of(id);
+        match self.io.remove(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+        Ok(())
+    }
+
+    /// Deletes segments' index entries (before their files go: a crash in
+    /// between leaves a file the index does not know, which the next
+    /// compaction removes, never an entry whose file is missing).
+    pub fn forget(&self, ids: &[SegmentId]) -> Result<()> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for id in ids {
+            batch.delete_cf(self.index.cf(CF_SEGMENTS)?, id.0.to_be_bytes());
+        }
+        let _meta = self.meta_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.index.write_synced(batch)
+    }
+
+    pub fn sync_dir(&self) -> Result<()> {
+        self.io
+            .sync_dir(&self.dir)
+            .map_err(|e| Error::io(&self.dir, e))
+    }
+
     /// Allocates a segment id durably, creates the file and writes its header.
     fn create(&self) -> Result<Active> {
         let next = self.index.meta_u64(META_NEXT_SEGMENT)?.unwrap_or(1);
