@@ -146,14 +146,12 @@ fn process(inner: &Inner, group: Vec<Request>) {
     if let Some(o) = observer {
         o.group_committed(group.len());
     }
-    let needs_sync = group
-        .iter()
-        .any(|r| {
-            matches!(
-                r,
-                Request::Commit { .. } | Request::Hold { .. } | Request::Relocate { .. }
-            )
-        });
+    let needs_sync = group.iter().any(|r| {
+        matches!(
+            r,
+            Request::Commit { .. } | Request::Hold { .. } | Request::Relocate { .. }
+        )
+    });
     let durable = if needs_sync {
         let t = std::time::Instant::now();
         let d = inner.segments.sync_active();
@@ -302,7 +300,11 @@ fn finish_batch(
     durable: Option<(crate::SegmentId, u64)>,
 ) -> Result<()> {
     let chunks = index.cf(CF_CHUNKS)?;
-    for id in ov.removed_chunks.iter().filter(|id| !ov.chunks.contains_key(*id)) {
+    for id in ov
+        .removed_chunks
+        .iter()
+        .filter(|id| !ov.chunks.contains_key(*id))
+    {
         batch.delete_cf(chunks, id.0);
     }
     for (id, e) in &ov.chunks {

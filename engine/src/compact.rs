@@ -234,11 +234,7 @@ impl Store {
 
 /// Sealed segments below every writer's floor, not named by a staged
 /// placement, whose live fraction meets the threshold; least live first.
-fn choose(
-    inner: &Inner,
-    opts: &CompactOptions,
-    rep: &mut CompactReport,
-) -> Result<Vec<Candidate>> {
+fn choose(inner: &Inner, opts: &CompactOptions, rep: &mut CompactReport) -> Result<Vec<Candidate>> {
     let index = &*inner.index;
     let limit = {
         let w = inner.writers.lock().unwrap_or_else(|p| p.into_inner());
@@ -473,4 +469,3 @@ pub(crate) fn relocate(
     }
     Ok(out)
 }
-

@@ -633,9 +633,8 @@ impl<'a> CutStage<'a> {
                 .index
                 .chunk(&id)?
                 .is_some_and(|e| !inner.is_retiring(e.loc.segment));
-            let is_new = !stored
-                && !self.sent.contains(&id)
-                && !(self.held && self.staged_here(&id)?);
+            let is_new =
+                !stored && !self.sent.contains(&id) && !(self.held && self.staged_here(&id)?);
             let compress = is_new && looks_compressible(&chunk);
             named.push((chunk, id, is_new, compress));
         }

@@ -17,9 +17,9 @@ fn segment_files_bytes(dir: &Path) -> (usize, u64) {
         let e = e.unwrap_or_else(|e| panic!("{e}"));
         n += 1;
         // Allocated blocks, not the (sparse) file length.
-        bytes += std::os::unix::fs::MetadataExt::blocks(
-            &e.metadata().unwrap_or_else(|e| panic!("{e}")),
-        ) * 512;
+        bytes +=
+            std::os::unix::fs::MetadataExt::blocks(&e.metadata().unwrap_or_else(|e| panic!("{e}")))
+                * 512;
     }
     (n, bytes)
 }
@@ -70,14 +70,20 @@ fn compaction_returns_the_space_of_collected_blobs() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(dry.segments_removed, 0);
     gc_now(&s);
-    let unref_before = s.verify().unwrap_or_else(|e| panic!("{e}")).unreferenced_chunks;
+    let unref_before = s
+        .verify()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unreferenced_chunks;
     let (files_before, bytes_before) = segment_files_bytes(dir.path());
     let r = compact_all(&s);
     assert!(r.segments_removed > 0, "{r:?}");
     assert!(r.chunks_dropped > 0, "{r:?}");
     assert_eq!(r.segments_kept, 0, "{r:?}");
     let (files_after, bytes_after) = segment_files_bytes(dir.path());
-    assert!(files_after < files_before, "{files_before} -> {files_after}");
+    assert!(
+        files_after < files_before,
+        "{files_before} -> {files_after}"
+    );
     // About two thirds of the data was garbage.
     assert!(
         bytes_after * 10 < bytes_before * 7,
@@ -93,7 +99,10 @@ fn compaction_returns_the_space_of_collected_blobs() {
     let rep = s.verify().unwrap_or_else(|e| panic!("{e}"));
     // What is left without references lies in segments still mostly live
     // (or the active one).
-    assert!(rep.unreferenced_chunks * 4 < unref_before, "{unref_before} -> {rep:?}");
+    assert!(
+        rep.unreferenced_chunks * 4 < unref_before,
+        "{unref_before} -> {rep:?}"
+    );
     // The same content stored again after its chunks were dropped.
     let again = noise(1, 12_000);
     let info = s.put(&again, None).unwrap_or_else(|e| panic!("{e}"));
@@ -126,12 +135,17 @@ fn a_held_write_keeps_the_chunks_it_names() {
             .unwrap_or_else(|e| panic!("{e}"));
     }
     gc_now(&s);
-    assert!(s.stat(&first.digest).unwrap_or_else(|e| panic!("{e}")).is_none());
+    assert!(s
+        .stat(&first.digest)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .is_none());
     let r = compact_all(&s);
     assert!(r.segments_removed > 0, "{r:?}");
     drop(s);
     let s = open(&cfg);
-    let mut w = s.resume_writer(recipe).unwrap_or_else(|e| panic!("resume: {e}"));
+    let mut w = s
+        .resume_writer(recipe)
+        .unwrap_or_else(|e| panic!("resume: {e}"));
     w.write(bytes::Bytes::from_static(b"tail"))
         .unwrap_or_else(|e| panic!("{e}"));
     let info = w.commit().unwrap_or_else(|e| panic!("commit: {e}"));
@@ -180,7 +194,8 @@ fn compaction_beside_writers_readers_and_the_collector() {
                     data.extend_from_slice(&noise(1000 + (i * 7 + t) % 13, 6_000));
                     let info = s.put(&data, None).unwrap_or_else(|e| panic!("put: {e}"));
                     if i % 4 == t % 4 {
-                        s.add_ref(&info.digest).unwrap_or_else(|e| panic!("ref: {e}"));
+                        s.add_ref(&info.digest)
+                            .unwrap_or_else(|e| panic!("ref: {e}"));
                         kept.push((info.digest, data));
                     }
                     if let Some((d, want)) = kept.get(i as usize % kept.len().max(1)) {

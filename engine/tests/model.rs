@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use orlop_engine::io::{FaultConfig, FaultIo};
-use orlop_engine::{Digest, Error, GcOptions, Store, StoreConfig};
+use orlop_engine::{CompactOptions, Digest, Error, GcOptions, Store, StoreConfig};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 
@@ -23,6 +23,9 @@ enum Op {
     FailNextSync(Vec<(u8, u16)>),
     /// Garbage collection with no grace period; `true`: a dry run.
     Gc(bool),
+    /// Compaction of every sealed segment whose live fraction is at most
+    /// this many tenths (10: all of them).
+    Compact(u8),
 }
 
 fn blob_of(parts: &[(u8, u16)], tail: u16) -> Vec<u8> {
@@ -55,6 +58,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Crash),
         1 => parts().prop_map(Op::FailNextSync),
         2 => any::<bool>().prop_map(Op::Gc),
+        2 => (0u8..=10).prop_map(Op::Compact),
     ]
 }
 
@@ -204,6 +208,21 @@ fn run(ops: Vec<Op>, seed: u64) {
                             assert!(s.stat(d).unwrap_or_else(|e| panic!("{e}")).is_none());
                         }
                     }
+                    check_all(s, &m);
+                }
+            }
+            Op::Compact(tenths) => {
+                let opts = CompactOptions {
+                    live_fraction_max: f64::from(tenths) / 10.0,
+                    ..CompactOptions::default()
+                };
+                let r = s.compact(&opts, &mut |_| {});
+                if m.poisoned {
+                    assert!(r.is_err(), "a poisoned store refuses compaction: {r:?}");
+                } else {
+                    let r = r.unwrap_or_else(|e| panic!("compact: {e}"));
+                    assert_eq!(r.segments_kept, 0, "{r:?}");
+                    assert!(!r.deferred, "{r:?}");
                     check_all(s, &m);
                 }
             }

@@ -45,6 +45,13 @@ pub struct ServerConfig {
     /// Each collection also deletes manifests untagged (and named by no
     /// index, and not a referrer) for this long; 0 keeps them.
     pub gc_untagged_age_secs: u64,
+    /// After each collection, segments whose live bytes are at most this
+    /// fraction of their data are compacted (0 to 1; 0 compacts only
+    /// segments with nothing live).
+    pub compact_live_fraction_max: f64,
+    /// Bytes compaction copies per second at most, so that pushes and
+    /// pulls keep their speed.
+    pub compact_bytes_per_sec_max: u64,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +74,8 @@ impl Default for ServerConfig {
             gc_interval_secs: 3600,
             gc_grace_secs: 3600,
             gc_untagged_age_secs: 0,
+            compact_live_fraction_max: 0.5,
+            compact_bytes_per_sec_max: 64 << 20,
         }
     }
 }
@@ -152,6 +161,12 @@ impl ServerConfig {
             "GC_INTERVAL_SECS" => self.gc_interval_secs = num(value).map_err(bad)?,
             "GC_GRACE_SECS" => self.gc_grace_secs = num(value).map_err(bad)?,
             "GC_UNTAGGED_AGE_SECS" => self.gc_untagged_age_secs = num(value).map_err(bad)?,
+            "COMPACT_LIVE_FRACTION_MAX" => {
+                self.compact_live_fraction_max = num(value).map_err(bad)?
+            }
+            "COMPACT_BYTES_PER_SEC_MAX" => {
+                self.compact_bytes_per_sec_max = num(value).map_err(bad)?
+            }
             // Variables of other commands (ORLOP_LOG, ORLOP_STORE_KEY, ...).
             _ => {}
         }
@@ -177,6 +192,11 @@ impl ServerConfig {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
+        }
+        if !(0.0..=1.0).contains(&self.compact_live_fraction_max) {
+            return Err(ConfigError::Invalid(
+                "compact_live_fraction_max is between 0 and 1".into(),
+            ));
         }
         if self.gc_interval_secs > 0 && self.gc_grace_secs == 0 {
             return Err(ConfigError::Invalid(

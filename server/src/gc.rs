@@ -4,7 +4,7 @@
 //! feeds the `orlop_gc_*` metrics.
 
 use crate::app::App;
-use orlop_engine::{GcOptions, GcReport};
+use orlop_engine::{CompactOptions, GcOptions, GcReport};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -87,6 +87,7 @@ pub fn run(app: &App) -> Option<GcReport> {
             let now_secs = crate::meta::now_unix_ms() / 1000;
             m.last_success_unix_seconds
                 .set(i64::try_from(now_secs).unwrap_or(i64::MAX));
+            compact(app);
             tracing::info!(
                 blobs_scanned = r.blobs_scanned,
                 unreferenced = r.unreferenced_blobs,
@@ -106,6 +107,44 @@ pub fn run(app: &App) -> Option<GcReport> {
             m.failures.inc();
             tracing::error!(error = %e, "garbage collection failed");
             None
+        }
+    }
+}
+
+/// Compaction after a collection: returns the segment space of what was
+/// freed, copying at most `compact_bytes_per_sec_max`. A run that older
+/// upload writers hold up changes nothing and is tried again next time.
+fn compact(app: &App) {
+    let opts = CompactOptions {
+        live_fraction_max: app.cfg.compact_live_fraction_max,
+        copy_bytes_per_sec_max: app.cfg.compact_bytes_per_sec_max,
+        writer_wait: Duration::from_secs(10),
+        cancel: app.gc_cancel.clone(),
+        ..CompactOptions::default()
+    };
+    let m = &app.metrics.gc;
+    match app.registry.store().compact(&opts, &mut |_| {}) {
+        Ok(r) => {
+            m.segments_compacted.inc_by(r.segments_removed);
+            m.bytes_compacted.inc_by(r.bytes_reclaimed);
+            m.bytes_moved.inc_by(r.bytes_moved);
+            tracing::info!(
+                segments_scanned = r.segments_scanned,
+                segments_chosen = r.segments_chosen,
+                segments_removed = r.segments_removed,
+                segments_kept = r.segments_kept,
+                records_moved = r.records_moved,
+                bytes_moved = r.bytes_moved,
+                chunks_dropped = r.chunks_dropped,
+                bytes_reclaimed = r.bytes_reclaimed,
+                deferred = r.deferred,
+                seconds = r.elapsed.as_secs_f64(),
+                "compaction"
+            );
+        }
+        Err(e) => {
+            m.failures.inc();
+            tracing::error!(error = %e, "compaction failed");
         }
     }
 }

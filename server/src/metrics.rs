@@ -51,6 +51,9 @@ pub struct GcMetrics {
     pub blobs_freed: Counter,
     pub bytes_freed: Counter,
     pub chunk_bytes_released: Counter,
+    pub segments_compacted: Counter,
+    pub bytes_compacted: Counter,
+    pub bytes_moved: Counter,
     pub last_duration_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub last_success_unix_seconds: Gauge,
 }
@@ -168,6 +171,9 @@ impl Metrics {
                 &gc.links_removed,
             ),
             ("orlop_gc_freed_bytes", "Logical bytes of the blobs deleted by garbage collection", &gc.bytes_freed),
+            ("orlop_compact_segments_removed", "Segments emptied and deleted by compaction", &gc.segments_compacted),
+            ("orlop_compact_reclaimed_bytes", "Segment bytes returned to the file system by compaction", &gc.bytes_compacted),
+            ("orlop_compact_moved_bytes", "Live record bytes compaction copied to new segments", &gc.bytes_moved),
             (
                 "orlop_gc_released_chunk_bytes",
                 "Stored bytes of chunks left without references by garbage collection (reclaimed by compaction)",

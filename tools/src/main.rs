@@ -1,5 +1,6 @@
 //! `orlop`: the operator's command.
 
+mod compact;
 mod fsck;
 mod gc;
 mod serve;
@@ -99,6 +100,8 @@ enum Cmd {
     Fsck(fsck::FsckArgs),
     /// Collect blobs without references (a stopped store; `serve` collects online).
     Gc(gc::GcArgs),
+    /// Empty segments whose live fraction is low (a stopped store; run gc first).
+    Compact(compact::CompactArgs),
     /// Blobs, chunks, bytes, dedupe and compression ratios, segment live ratios.
     Stats(stats::StatsArgs),
     /// Generate a new random store key file (mode 0600).
@@ -194,6 +197,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Fsck(a) => fsck::run(a),
         Cmd::Gc(a) => gc::run(a),
+        Cmd::Compact(a) => compact::run(a),
         Cmd::Stats(a) => stats::run(a),
         Cmd::Keygen { path } => {
             MasterKey::generate()?.write_file(&path)?;

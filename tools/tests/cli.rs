@@ -176,4 +176,20 @@ fn gc_dry_run_then_collect() {
     let v = json(&o);
     assert_eq!(v["blobs"], 0);
     assert!(v["unreferenced_chunks"].as_u64().unwrap_or(0) > 0, "{v}");
+    // Compaction returns the space: a dry run first, then the run.
+    let o = orlop(&["compact", "--dry-run", "--json"], &data);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = json(&o);
+    assert_eq!(v["segments_chosen"], 1, "{v}");
+    assert_eq!(v["segments_removed"], 0, "{v}");
+    let o = orlop(&["compact", "--json"], &data);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = json(&o);
+    assert_eq!(v["segments_removed"], 1, "{v}");
+    assert!(v["chunks_dropped"].as_u64().unwrap_or(0) > 0, "{v}");
+    let o = orlop(&["fsck", "--json"], &data);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = json(&o);
+    assert_eq!(v["unreferenced_chunks"], 0, "{v}");
+    assert_eq!(v["segments"], 0, "{v}");
 }

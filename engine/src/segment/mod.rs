@@ -268,7 +268,9 @@ impl Segments {
         let g = self.active.lock().unwrap_or_else(|p| p.into_inner());
         match g.as_ref() {
             Some(a) => Ok(a.id),
-            None => Ok(SegmentId(self.index.meta_u64(META_NEXT_SEGMENT)?.unwrap_or(1))),
+            None => Ok(SegmentId(
+                self.index.meta_u64(META_NEXT_SEGMENT)?.unwrap_or(1),
+            )),
         }
     }
 
