@@ -150,15 +150,15 @@ impl Segments {
             .ok_or(Error::SegmentMissing(id))
     }
 
-    /// Encrypts and appends one chunk record; returns where it landed.
-    /// `chunk.record` holds `RECORD_HEADER_BYTES` of headroom, then the body.
-    pub fn append(&self, cipher: &ChunkCipher, mut chunk: PreparedChunk) -> Result<Location> {
-        self.check_writable()?;
-        let body_len = chunk.record.len().saturating_sub(RECORD_HEADER_BYTES);
-        let record_len = (RECORD_HEADER_BYTES + body_len + TAG_BYTES) as u64;
-        let mut guard = self.active.lock().unwrap_or_else(|p| p.into_inner());
+    /// The active segment, sealed and replaced first when `record_len`
+    /// more bytes would not fit. The caller holds the append lock.
+    fn with_room<'g>(
+        &self,
+        guard: &'g mut Option<Active>,
+        record_len: u64,
+    ) -> Result<&'g mut Active> {
         // Again under the lock: a failure by another appender may have
-        // poisoned the store since the check above.
+        // poisoned the store since the caller's check.
         self.check_writable()?;
         let full = match guard.as_ref() {
             None => true,
@@ -170,7 +170,39 @@ impl Segments {
             }
             *guard = Some(self.create()?);
         }
+        guard.as_mut().ok_or(Error::Poisoned)
+    }
+
+    /// Writes a finished record at the active segment's end and advances it.
+    /// A failed write retires the segment: nothing may append (and reuse
+    /// its nonces) again.
+    fn write_record(&self, guard: &mut Option<Active>, record: &[u8]) -> Result<()> {
         let a = guard.as_mut().ok_or(Error::Poisoned)?;
+        if let Err(e) = a.file.write_at(record, a.offset) {
+            let id = a.id;
+            self.poison(&e);
+            *guard = None;
+            return Err(Error::io(self.path_of(id), e));
+        }
+        a.offset += record.len() as u64;
+        a.record_count += 1;
+        a.data_crc = format::chain_record_crc(a.data_crc, &record[..RECORD_HEADER_BYTES]);
+        if a.offset - a.writeback_from >= WRITEBACK_BYTES {
+            a.file
+                .start_writeback(a.writeback_from, a.offset - a.writeback_from);
+            a.writeback_from = a.offset;
+        }
+        Ok(())
+    }
+
+    /// Encrypts and appends one chunk record; returns where it landed.
+    /// `chunk.record` holds `RECORD_HEADER_BYTES` of headroom, then the body.
+    pub fn append(&self, cipher: &ChunkCipher, mut chunk: PreparedChunk) -> Result<Location> {
+        self.check_writable()?;
+        let body_len = chunk.record.len().saturating_sub(RECORD_HEADER_BYTES);
+        let record_len = (RECORD_HEADER_BYTES + body_len + TAG_BYTES) as u64;
+        let mut guard = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let a = self.with_room(&mut guard, record_len)?;
         let offset = a.offset as u32;
         let nonce = nonce_for(a.id, offset);
         // Encrypt in place after the headroom; the nonce depends on the offset,
@@ -197,23 +229,10 @@ impl Segments {
         let (head, payload) = chunk.record.split_at_mut(RECORD_HEADER_BYTES);
         let encoded = header.encode(payload);
         head.copy_from_slice(&encoded);
-        if let Err(e) = a.file.write_at(&chunk.record, a.offset) {
-            // Retire the segment: nothing may append (and reuse this nonce) again.
-            let id = a.id;
-            self.poison(&e);
-            *guard = None;
-            return Err(Error::io(self.path_of(id), e));
-        }
-        a.offset += record_len;
-        a.record_count += 1;
-        a.data_crc = format::chain_record_crc(a.data_crc, &encoded);
-        if a.offset - a.writeback_from >= WRITEBACK_BYTES {
-            a.file
-                .start_writeback(a.writeback_from, a.offset - a.writeback_from);
-            a.writeback_from = a.offset;
-        }
+        let segment = a.id;
+        self.write_record(&mut guard, &chunk.record)?;
         Ok(Location {
-            segment: a.id,
+            segment,
             offset,
             payload_len: header.payload_len,
             raw_len: chunk.raw_len,
@@ -229,32 +248,12 @@ impl Segments {
         let h = RecordHeader::decode(record)
             .filter(|h| h.total_len() == record.len() as u64 && RecordHeader::checksum_ok(record))
             .ok_or_else(|| Error::Config("compaction: a record to move fails its checks".into()))?;
-        let record_len = record.len() as u64;
         let mut guard = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        self.check_writable()?;
-        let full = match guard.as_ref() {
-            None => true,
-            Some(a) => a.offset + record_len > self.segment_bytes - FOOTER_BYTES,
-        };
-        if full {
-            if let Some(a) = guard.take() {
-                self.seal(a)?;
-            }
-            *guard = Some(self.create()?);
-        }
-        let a = guard.as_mut().ok_or(Error::Poisoned)?;
-        let offset = a.offset as u32;
-        if let Err(e) = a.file.write_at(record, a.offset) {
-            let id = a.id;
-            self.poison(&e);
-            *guard = None;
-            return Err(Error::io(self.path_of(id), e));
-        }
-        a.offset += record_len;
-        a.record_count += 1;
-        a.data_crc = format::chain_record_crc(a.data_crc, &record[..RECORD_HEADER_BYTES]);
+        let a = self.with_room(&mut guard, record.len() as u64)?;
+        let (segment, offset) = (a.id, a.offset as u32);
+        self.write_record(&mut guard, record)?;
         Ok(Location {
-            segment: a.id,
+            segment,
             offset,
             payload_len: h.payload_len,
             raw_len: h.raw_len,
