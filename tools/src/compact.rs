@@ -40,11 +40,7 @@ pub fn run(a: CompactArgs) -> Result<i32> {
         dry_run: a.dry_run,
         ..CompactOptions::default()
     };
-    let r = store.compact(&opts, &mut |p| {
-        bar.set_prefix(p.phase);
-        bar.set_length(p.total);
-        bar.set_position(p.done);
-    })?;
+    let r = store.compact(&opts, &mut |p| crate::show_progress(&bar, p))?;
     bar.finish_and_clear();
     if !a.dry_run {
         store.close()?;

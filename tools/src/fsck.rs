@@ -68,11 +68,7 @@ pub fn run(a: FsckArgs) -> Result<i32> {
     let store = std::sync::Arc::new(Store::open(cfg)?);
     let started = Instant::now();
     let bar = crate::progress_bar(!a.json, "");
-    let report = store.verify_with_progress(&mut |p| {
-        bar.set_prefix(p.phase);
-        bar.set_length(p.total);
-        bar.set_position(p.done);
-    })?;
+    let report = store.verify_with_progress(&mut |p| crate::show_progress(&bar, p))?;
     bar.finish_and_clear();
     // A registry's store: its rows must account for every blob reference.
     let registry_problems = if store.has_column_family(orlop_server::meta::CF_LINKS) {

@@ -58,11 +58,7 @@ pub fn run(a: GcArgs) -> Result<i32> {
         dry_run: a.dry_run,
         ..GcOptions::default()
     };
-    let r = store.collect_garbage(&opts, &mut |p| {
-        bar.set_prefix(p.phase);
-        bar.set_length(p.total);
-        bar.set_position(p.done);
-    })?;
+    let r = store.collect_garbage(&opts, &mut |p| crate::show_progress(&bar, p))?;
     bar.finish_and_clear();
     if !a.dry_run {
         match std::sync::Arc::try_unwrap(store) {

@@ -55,6 +55,13 @@ impl StoreArgs {
 
 /// A progress bar on stderr when it is a terminal (and `show`), else a
 /// hidden one; `unit` follows the counts ("blobs").
+/// Moves a bar made by [`progress_bar`] to an engine job's progress.
+pub fn show_progress(bar: &indicatif::ProgressBar, p: orlop_engine::Progress) {
+    bar.set_prefix(p.phase);
+    bar.set_length(p.total);
+    bar.set_position(p.done);
+}
+
 pub fn progress_bar(show: bool, unit: &str) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if !(show && std::io::stderr().is_terminal()) {
