@@ -10,8 +10,11 @@ use crate::index::codec::{
     RecipePart, SegmentEntry,
 };
 use crate::index::{
-    Index, CF_BLOBS, CF_CHUNKS, CF_HELD, CF_PENDING, CF_RECIPES, CF_SEGMENTS, CF_STAGED,
+    Index, CF_BLOBS, CF_BROKEN, CF_CHUNKS, CF_HELD, CF_META, CF_PENDING, CF_RECIPES, CF_SEGMENTS,
+    CF_STAGED, META_NEXT_TXN_SEQ,
 };
+use crate::journal::{BlobRecord, KvChange, RecipeRecord, TxnRecord, VoidRecord};
+use crate::segment::format::{KIND_BLOB, KIND_RECIPE, KIND_TXN, KIND_VOID};
 use crate::store::Inner;
 use crate::txn::{apply_delta, Txn};
 use crossbeam_channel::{Receiver, Sender};
@@ -58,6 +61,18 @@ pub(crate) enum Request {
         held: HeldEntry,
         reply: Sender<Result<()>>,
     },
+    /// Quarantines chunks, fixes counts, marks broken blobs (see
+    /// [`crate::repair`]).
+    Repair {
+        plan: crate::repair::RepairPlan,
+        reply: Sender<Result<()>>,
+    },
+    /// Writes the journal records of these blobs again (a repair, after
+    /// damage took them).
+    Rejournal {
+        digests: Vec<Digest>,
+        reply: Sender<Result<()>>,
+    },
     /// An atomic change from a layer above (see [`crate::Txn`]).
     Txn {
         txn: Txn,
@@ -78,6 +93,8 @@ pub(crate) struct Overlay {
     finished_recipes: HashSet<RecipeId>,
     /// Values written by earlier transactions of the group, for their checks.
     kv: HashMap<(String, Vec<u8>), Option<Vec<u8>>>,
+    /// Journal records (kind, payload) of the blobs the group commits.
+    journal: Vec<(u8, Vec<u8>)>,
 }
 
 impl Overlay {
@@ -104,6 +121,14 @@ impl Overlay {
 
 pub(crate) fn run(inner: Arc<Inner>, rx: Receiver<Request>) {
     let max = inner.cfg.group_commit_requests_max;
+    // Transaction numbers: a new epoch for each open (see `VoidRecord`).
+    let mut seqs = match inner.index.meta_u64(META_NEXT_TXN_SEQ) {
+        Ok(next) => Seqs::new(next),
+        Err(e) => {
+            inner.segments.poison(&e);
+            Seqs::new(None)
+        }
+    };
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < max {
@@ -113,7 +138,7 @@ pub(crate) fn run(inner: Arc<Inner>, rx: Receiver<Request>) {
             }
         }
         let stop = group.iter().any(|r| matches!(r, Request::Shutdown));
-        process(&inner, group);
+        process(&inner, group, &mut seqs);
         if stop {
             break;
         }
@@ -140,7 +165,7 @@ pub(crate) fn delete_staging(
     Ok(())
 }
 
-fn process(inner: &Inner, group: Vec<Request>) {
+fn process(inner: &Inner, group: Vec<Request>, seqs: &mut Seqs) {
     let index = &*inner.index;
     let observer = inner.cfg.observer.as_deref();
     if let Some(o) = observer {
@@ -152,26 +177,11 @@ fn process(inner: &Inner, group: Vec<Request>) {
             Request::Commit { .. } | Request::Hold { .. } | Request::Relocate { .. }
         )
     });
-    let durable = if needs_sync {
-        let t = std::time::Instant::now();
-        let d = inner.segments.sync_active();
-        if let Some(o) = observer {
-            o.segment_synced(t.elapsed());
-        }
-        d
-    } else {
-        Ok(None)
-    };
-    let durable = match durable {
-        Ok(d) => d,
-        Err(e) => {
-            fail_all(group, &e);
-            return;
-        }
-    };
     let mut batch = WriteBatch::default();
     let mut ov = Overlay::default();
     let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
+    // Changes of the group's transactions, for the journal.
+    let mut journal: Vec<Vec<KvChange>> = Vec::new();
     for req in group {
         match req {
             Request::Commit {
@@ -229,12 +239,58 @@ fn process(inner: &Inner, group: Vec<Request>) {
                 replies.push(deferred(reply, r));
             }
             Request::Txn { txn, reply } => {
+                let changes: Vec<KvChange> = txn
+                    .ops
+                    .iter()
+                    .map(|o| (o.cf.clone(), o.key.clone(), o.value.clone()))
+                    .collect();
                 let r = apply_txn(index, &mut ov, &mut batch, txn);
+                if r.is_ok() && !changes.is_empty() {
+                    journal.push(changes);
+                }
+                replies.push(deferred(reply, r));
+            }
+            Request::Rejournal { digests, reply } => {
+                let r = rejournal(inner, &mut ov, &digests);
+                replies.push(deferred(reply, r));
+            }
+            Request::Repair { plan, reply } => {
+                let r = crate::repair::apply(index, &mut ov, &mut batch, plan);
                 replies.push(deferred(reply, r));
             }
             Request::Shutdown => {}
         }
     }
+    // The journal's records go into the log, and the log is made durable
+    // (chunks of commits, records of transactions), before the index batch.
+    // Held until the index batch is written: compaction decides whether a
+    // journal record is still current under it, so it never sees a record
+    // whose change the index does not show yet.
+    let journal_guard = inner.journal_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let blob_records = std::mem::take(&mut ov.journal);
+    let durable = append_journal(inner, blob_records, journal, seqs, &mut batch);
+    let durable = durable.and_then(|appended| {
+        if !(needs_sync || appended) {
+            return Ok(None);
+        }
+        let t = std::time::Instant::now();
+        let d = inner.segments.sync_active();
+        if let Some(o) = observer {
+            o.segment_synced(t.elapsed());
+        }
+        d
+    });
+    let durable = match durable {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "group commit failed before writing the index");
+            inner.segments.poison(&e);
+            for r in replies {
+                r(Err(&e));
+            }
+            return;
+        }
+    };
     let written = {
         let _meta = inner
             .segments
@@ -253,6 +309,7 @@ fn process(inner: &Inner, group: Vec<Request>) {
             w
         }
     };
+    drop(journal_guard);
     if let Err(e) = &written {
         inner.segments.poison(e);
     } else {
@@ -277,18 +334,59 @@ fn deferred<T: Send + 'static>(reply: Sender<Result<T>>, r: Result<T>) -> Reply 
     })
 }
 
-fn fail_all(group: Vec<Request>, e: &Error) {
-    tracing::error!(error = %e, "group commit failed before writing the index");
-    for req in group {
-        match req {
-            Request::Commit { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
-            Request::Abort { reply, .. }
-            | Request::Txn { reply, .. }
-            | Request::Hold { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
-            Request::Ref { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
-            Request::Collect { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
-            Request::Relocate { reply, .. } => drop(reply.send(Err(Error::Poisoned))),
-            Request::Shutdown => {}
+/// Appends the journal records of the blobs a group commits and of its
+/// transactions (numbered from `next_seq`; the next number goes into the
+/// batch). True when anything was appended.
+fn append_journal(
+    inner: &Inner,
+    blob_records: Vec<(u8, Vec<u8>)>,
+    journal: Vec<Vec<KvChange>>,
+    seqs: &mut Seqs,
+    batch: &mut WriteBatch,
+) -> Result<bool> {
+    for (kind, payload) in &blob_records {
+        inner.append_meta(*kind, payload)?;
+    }
+    if journal.is_empty() {
+        return Ok(!blob_records.is_empty());
+    }
+    if let Some(v) = seqs.void {
+        inner.append_meta(KIND_VOID, &v.encode())?;
+        // Once in the log it stays (a failed write poisons the store, and
+        // the next open voids the same numbers again).
+        seqs.void = None;
+    }
+    for changes in journal {
+        let seq = seqs.next;
+        seqs.next += 1;
+        let max = inner.cfg.journal_record_bytes_max();
+        for rec in TxnRecord::split(seq, changes, max)? {
+            inner.append_meta(KIND_TXN, &rec.encode())?;
+        }
+    }
+    batch.put_cf(
+        inner.index.cf(CF_META)?,
+        META_NEXT_TXN_SEQ,
+        seqs.next.to_le_bytes(),
+    );
+    Ok(true)
+}
+
+/// The committer's transaction numbering: the next number, and the void
+/// record the epoch's first journal write carries.
+pub(crate) struct Seqs {
+    next: u64,
+    void: Option<VoidRecord>,
+}
+
+impl Seqs {
+    /// From the index's next number (`None`: no transaction yet).
+    fn new(index_next: Option<u64>) -> Self {
+        let from = index_next.unwrap_or(0);
+        let next = VoidRecord::next_epoch(from);
+        Seqs {
+            next,
+            void: index_next.map(|from| VoidRecord { from, to: next }),
         }
     }
 }
@@ -311,10 +409,15 @@ fn finish_batch(
         batch.put_cf(chunks, id.0, e.encode());
     }
     let blobs = index.cf(CF_BLOBS)?;
+    let broken = index.cf(CF_BROKEN)?;
     for (d, e) in &ov.blobs {
         match e {
             Some(e) => batch.put_cf(blobs, d.to_key(), e.encode()),
-            None => batch.delete_cf(blobs, d.to_key()),
+            None => {
+                batch.delete_cf(blobs, d.to_key());
+                // A collected blob takes its broken mark with it.
+                batch.delete_cf(broken, d.to_key());
+            }
         }
     }
     // The caller holds the segments' meta lock, under which sealing records
@@ -349,7 +452,14 @@ fn commit_blob(
     let index = &*inner.index;
     ov.finished_recipes.insert(recipe);
     if let Some(mut existing) = ov.blob(index, digest)? {
-        // Already stored: this write's recipe is redundant.
+        // Already stored: this write's recipe is redundant, but the copies
+        // it made of quarantined chunks restore the stored blob.
+        restore_quarantined(inner, ov, recipe)?;
+        if index.broken(digest)?
+            && crate::read::count_quarantined(inner, &existing, |id| ov.chunk(index, id))? == 0
+        {
+            batch.delete_cf(index.cf(CF_BROKEN)?, digest.to_key());
+        }
         delete_staging(batch, index, recipe, false)?;
         // Written again: garbage collection's grace period counts from now
         // (a layer above may be about to take its first reference, while
@@ -364,9 +474,17 @@ fn commit_blob(
     let mut inserted = Vec::new();
     let (mut entries, mut bytes) = (0u64, 0u64);
     let prefix = recipe_prefix(recipe);
+    let mut journal = Vec::new();
     for kv in index.scan_prefix(CF_RECIPES, &prefix)? {
-        let (_, v) = kv?;
+        let (k, v) = kv?;
         let part = RecipePart::decode(&v)?;
+        let part_no = journal.len() as u32;
+        if k.get(8..) != Some(&part_no.to_be_bytes()[..]) {
+            return Err(Error::CorruptIndex {
+                cf: CF_RECIPES,
+                reason: format!("recipe {} lacks part {part_no}", recipe.0),
+            });
+        }
         for e in &part.entries {
             entries += 1;
             bytes += e.raw_len as u64;
@@ -381,12 +499,10 @@ fn commit_blob(
                     // writer stored a fresh copy (see write.rs), which
                     // becomes the chunk's home, so compaction may not have
                     // copied it (it had no references when it looked).
-                    if inner.is_retiring(c.loc.segment) {
-                        if let Some(v) = index.get(CF_STAGED, &staged_key(recipe, &e.chunk))? {
-                            let loc = Location::decode(&v, CF_STAGED)?;
-                            if !inner.is_retiring(loc.segment) {
-                                c.loc = loc;
-                            }
+                    // A quarantined chunk likewise: the fresh copy restores it.
+                    if c.is_quarantined() || inner.is_retiring(c.loc.segment) {
+                        if let Some(loc) = fresh_copy(inner, recipe, &e.chunk)? {
+                            c.loc = loc;
                         }
                     }
                     c
@@ -410,6 +526,12 @@ fn commit_blob(
             };
             local.insert(e.chunk, next);
         }
+        let rec = RecipeRecord {
+            recipe,
+            part_no,
+            part,
+        };
+        journal.push((KIND_RECIPE, rec.encode()));
     }
     if entries != chunk_count || bytes != size {
         return Err(Error::CorruptIndex {
@@ -424,11 +546,63 @@ fn commit_blob(
         refs: 0,
         created_unix_ms,
     };
+    let blob = BlobRecord {
+        digest: digest.clone(),
+        size,
+        recipe,
+        chunk_count,
+        parts: journal.len() as u32,
+        created_unix_ms,
+    };
+    journal.push((KIND_BLOB, blob.encode()));
+    ov.journal.extend(journal);
     ov.chunks.extend(local);
     ov.inserted.extend(inserted);
     ov.blobs.insert(digest.clone(), Some(entry));
     delete_staging(batch, index, recipe, true)?;
     Ok(entry)
+}
+
+fn rejournal(inner: &Inner, ov: &mut Overlay, digests: &[Digest]) -> Result<()> {
+    for d in digests {
+        if let Some(e) = ov.blob(&inner.index, d)? {
+            ov.journal
+                .extend(crate::journal::blob_records(inner, d, &e)?);
+        }
+    }
+    Ok(())
+}
+
+/// Where this write stored its own copy of `chunk`, unless that copy is in
+/// a segment a compaction is emptying.
+fn fresh_copy(inner: &Inner, recipe: RecipeId, chunk: &ChunkId) -> Result<Option<Location>> {
+    match inner.index.get(CF_STAGED, &staged_key(recipe, chunk))? {
+        Some(v) => {
+            let loc = Location::decode(&v, CF_STAGED)?;
+            Ok((!inner.is_retiring(loc.segment)).then_some(loc))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Moves each quarantined chunk that this write stored again to its copy
+/// (the write's blob already exists, so its recipe is otherwise dropped).
+fn restore_quarantined(inner: &Inner, ov: &mut Overlay, recipe: RecipeId) -> Result<()> {
+    let index = &*inner.index;
+    for kv in index.scan_prefix(CF_STAGED, &recipe_prefix(recipe))? {
+        let (k, v) = kv?;
+        let Some(id) = k.get(8..).and_then(ChunkId::from_slice) else {
+            continue;
+        };
+        if let Some(mut c) = ov.chunk(index, &id)? {
+            let loc = Location::decode(&v, CF_STAGED)?;
+            if c.is_quarantined() && !inner.is_retiring(loc.segment) {
+                c.loc = loc;
+                ov.chunks.insert(id, c);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Discards a write that is still pending. A recipe that was committed (or

@@ -32,7 +32,8 @@ use crate::error::{Error, Result};
 use crate::ids::{ChunkId, SegmentId};
 use crate::index::codec::{recipe_prefix, ChunkEntry, Location, RecipePart, SegmentEntry};
 use crate::index::{Index, CF_CHUNKS, CF_PENDING, CF_RECIPES, CF_SEGMENTS, CF_STAGED};
-use crate::segment::format::HEADER_BYTES;
+use crate::pace::Pacer;
+use crate::segment::format::{HEADER_BYTES, KIND_CHUNK};
 use crate::segment::scan_segment;
 use crate::store::{Inner, Store};
 use crate::verify::Progress;
@@ -61,6 +62,10 @@ pub struct CompactOptions {
     pub dry_run: bool,
     /// Set to end the run early (before the switch nothing changes).
     pub cancel: Arc<AtomicBool>,
+    /// Compact exactly these segments (those that qualify as sealed and
+    /// out of every writer's way), whatever their live fraction: a repair
+    /// rewrites damaged segments without their damaged records.
+    pub only: Option<HashSet<SegmentId>>,
 }
 
 impl Default for CompactOptions {
@@ -72,6 +77,7 @@ impl Default for CompactOptions {
             writer_wait: Duration::from_secs(60),
             dry_run: false,
             cancel: Arc::default(),
+            only: None,
         }
     }
 }
@@ -87,8 +93,10 @@ pub struct CompactReport {
     /// Chosen segments kept: a record could not be read (damage: run fsck)
     /// or an entry still pointed into them.
     pub segments_kept: u64,
-    /// Records copied and their bytes.
+    /// Chunk records copied, and the bytes of every record copied.
     pub records_moved: u64,
+    /// Journal records still describing the index, copied.
+    pub journal_records_moved: u64,
     pub bytes_moved: u64,
     /// Zero-count chunk entries dropped with their segment.
     pub chunks_dropped: u64,
@@ -179,8 +187,8 @@ impl Store {
         let mut damaged: HashSet<SegmentId> = HashSet::new();
         let mut copier = Copier {
             inner,
-            rate: opts.copy_bytes_per_sec_max,
-            started: Instant::now(),
+            pace: Pacer::new(opts.copy_bytes_per_sec_max),
+            journal_copied: false,
             moves: Vec::new(),
             drops: Vec::new(),
         };
@@ -287,7 +295,11 @@ fn choose(inner: &Inner, opts: &CompactOptions, rep: &mut CompactReport) -> Resu
         } else {
             live_bytes as f64 / data_bytes as f64
         };
-        if fraction <= opts.live_fraction_max {
+        let wanted = match &opts.only {
+            Some(only) => only.contains(&id),
+            None => fraction <= opts.live_fraction_max,
+        };
+        if wanted {
             out.push(Candidate {
                 id,
                 data_bytes,
@@ -359,10 +371,11 @@ fn still_pointed_at(index: &Index, victims: &HashSet<SegmentId>) -> Result<HashS
 
 struct Copier<'a> {
     inner: &'a Inner,
-    rate: u64,
-    started: Instant,
+    pace: Pacer,
     moves: Vec<Move>,
     drops: Vec<(ChunkId, Location)>,
+    /// Journal records copied since the last flush.
+    journal_copied: bool,
 }
 
 impl Copier<'_> {
@@ -376,15 +389,31 @@ impl Copier<'_> {
         let inner = self.inner;
         let file = inner.segments.file(seg)?;
         let mut records = Vec::new();
-        let scan = scan_segment(&*file, |off, h| records.push((off, h.chunk)))
+        let scan = scan_segment(&*file, |off, h| records.push((off, h.clone())))
             .map_err(|e| Error::io(inner.segments.path_of(seg), e))?;
-        if let Some(why) = scan.stopped {
+        // A sealed segment's damaged records are skipped by the scan; a
+        // live chunk among them still points into the segment, which the
+        // check after the switch then keeps. Without a footer nothing past
+        // the damage can be found: keep the segment.
+        if let (Some(why), None) = (scan.stopped, &scan.footer) {
             return Err(Error::CorruptSegment {
                 segment: seg,
                 reason: why,
             });
         }
-        for (off, id) in records {
+        for (off, h) in records {
+            let id = h.chunk;
+            if h.kind != KIND_CHUNK {
+                let loc = Location {
+                    segment: seg,
+                    offset: off as u32,
+                    payload_len: h.payload_len,
+                    raw_len: h.raw_len,
+                    flags: h.flags,
+                };
+                self.copy_journal_record(&loc, rep)?;
+                continue;
+            }
             let Some(e) = inner.index.chunk(&id)? else {
                 continue;
             };
@@ -404,7 +433,7 @@ impl Copier<'_> {
                 from: e.loc,
                 to,
             });
-            self.throttle(rep.bytes_moved);
+            self.pace.wait(rep.bytes_moved);
             if self.moves.len() >= RELOCATE_BATCH {
                 self.flush(rep)?;
             }
@@ -412,20 +441,33 @@ impl Copier<'_> {
         Ok(())
     }
 
-    fn throttle(&self, moved: u64) {
-        if self.rate == 0 {
-            return;
+    /// Copies a journal record that still describes the index (see
+    /// `journal::is_live`); the rest are dropped with the segment.
+    fn copy_journal_record(&mut self, loc: &Location, rep: &mut CompactReport) -> Result<()> {
+        let inner = self.inner;
+        let record = inner.segments.read_record(loc)?;
+        let (h, plain) = crate::read::open_any(inner, loc, record.clone())?;
+        let live = {
+            let _g = inner.journal_lock.lock().unwrap_or_else(|p| p.into_inner());
+            crate::journal::is_live(inner, h.kind, &plain)?
+        };
+        if !live {
+            return Ok(());
         }
-        let due = Duration::from_secs_f64(moved as f64 / self.rate as f64);
-        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-            std::thread::sleep(wait);
-        }
+        inner.segments.append_raw(&record)?;
+        rep.journal_records_moved += 1;
+        rep.bytes_moved += record.len() as u64;
+        // Made durable by the next flush, before the segment goes.
+        self.journal_copied = true;
+        self.pace.wait(rep.bytes_moved);
+        Ok(())
     }
 
     fn flush(&mut self, rep: &mut CompactReport) -> Result<()> {
-        if self.moves.is_empty() && self.drops.is_empty() {
+        if self.moves.is_empty() && self.drops.is_empty() && !self.journal_copied {
             return Ok(());
         }
+        self.journal_copied = false;
         let moves = std::mem::take(&mut self.moves);
         let drops = std::mem::take(&mut self.drops);
         let out = self.inner.request(|reply| Request::Relocate {

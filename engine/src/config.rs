@@ -132,9 +132,17 @@ impl StoreConfig {
         }
     }
 
+    /// The largest metadata journal record (`crate::journal`).
+    pub fn journal_record_bytes_max(&self) -> usize {
+        (self.chunk.max_bytes as usize).max(crate::journal::JOURNAL_RECORD_BYTES_MIN)
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.chunk.validate()?;
-        let min_seg = 4 * (self.chunk.max_bytes as u64 + 1024);
+        // Room for four of the largest chunks, and for the largest journal
+        // record in an empty segment.
+        let min_seg = (4 * (self.chunk.max_bytes as u64 + 1024))
+            .max(self.journal_record_bytes_max() as u64 + 1024);
         if self.segment_bytes < min_seg || self.segment_bytes > u32::MAX as u64 {
             return Err(Error::Config(format!(
                 "segment_bytes must be between {min_seg} and {} (4 GiB)",

@@ -1,7 +1,7 @@
 //! The engine's one error type. Variants are structured so that callers (the
 //! server's OCI error table, `orlop fsck`) can act on them without parsing text.
 
-use crate::ids::{Digest, SegmentId};
+use crate::ids::{ChunkId, Digest, SegmentId};
 use std::path::PathBuf;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -34,6 +34,10 @@ pub enum Error {
         durable: u64,
         found: u64,
     },
+    #[error("chunk {chunk} is quarantined (found damaged by fsck --repair); push the content again to restore it")]
+    ChunkQuarantined { chunk: ChunkId },
+    #[error("blob {digest} is damaged: {chunks} of its chunks are quarantined (fsck --repair); push it again to restore it")]
+    BlobBroken { digest: Digest, chunks: u64 },
     #[error("segment {0} is referenced by the index but its file is missing")]
     SegmentMissing(SegmentId),
     #[error("digest mismatch: expected {expected}, computed {actual}")]
@@ -89,6 +93,8 @@ impl Error {
                 | Error::CorruptIndex { .. }
                 | Error::DurableDataLost { .. }
                 | Error::SegmentMissing(_)
+                | Error::ChunkQuarantined { .. }
+                | Error::BlobBroken { .. }
         )
     }
 }

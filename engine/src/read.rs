@@ -5,7 +5,7 @@
 use crate::compress::decompress;
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, Digest};
-use crate::index::codec::{recipe_key, BlobEntry, ChunkEntry, RecipeEntry, RecipePart};
+use crate::index::codec::{recipe_key, BlobEntry, ChunkEntry, Location, RecipeEntry, RecipePart};
 use crate::index::CF_RECIPES;
 use crate::segment::format::{RecordHeader, FLAG_ZSTD, KIND_CHUNK, RECORD_HEADER_BYTES};
 use crate::store::Inner;
@@ -16,25 +16,59 @@ use std::sync::Arc;
 
 /// Loads, authenticates, decompresses and checks one chunk.
 pub(crate) fn load_chunk(inner: &Inner, id: &ChunkId, entry: &ChunkEntry) -> Result<Bytes> {
-    let loc = &entry.loc;
+    let rec = inner.segments.read_record(&entry.loc)?;
+    open_record(inner, id, &entry.loc, rec)
+}
+
+/// Authenticates, decompresses and checks a chunk's record (its CRC already
+/// checked), read from `loc`.
+pub(crate) fn open_record(
+    inner: &Inner,
+    id: &ChunkId,
+    loc: &Location,
+    rec: Vec<u8>,
+) -> Result<Bytes> {
+    let (h, plain) = open_any(inner, loc, rec)?;
+    if h.kind != KIND_CHUNK || h.chunk != *id || h.raw_len != loc.raw_len || h.flags != loc.flags {
+        return Err(Error::CorruptChunk {
+            segment: loc.segment,
+            offset: loc.offset as u64,
+            reason: "record header does not match the index",
+        });
+    }
+    Ok(plain)
+}
+
+/// Authenticates and decompresses any record (chunk or journal) and checks
+/// that its plaintext has the record's name. `loc` names it in errors.
+pub(crate) fn open_any(
+    inner: &Inner,
+    loc: &Location,
+    rec: Vec<u8>,
+) -> Result<(RecordHeader, Bytes)> {
+    open_with(&inner.cipher, &inner.naming_key, loc, rec)
+}
+
+/// [`open_any`] with the store's keys given (a rebuild has no store open).
+pub(crate) fn open_with(
+    cipher: &crate::crypto::ChunkCipher,
+    naming_key: &[u8; 32],
+    loc: &Location,
+    mut rec: Vec<u8>,
+) -> Result<(RecordHeader, Bytes)> {
     let corrupt = |reason| Error::CorruptChunk {
         segment: loc.segment,
         offset: loc.offset as u64,
         reason,
     };
-    let mut rec = inner.segments.read_record(loc)?;
     let h = RecordHeader::decode(&rec).ok_or_else(|| corrupt("no record header"))?;
-    if h.kind != KIND_CHUNK || h.chunk != *id || h.raw_len != loc.raw_len || h.flags != loc.flags {
-        return Err(corrupt("record header does not match the index"));
-    }
-    let n = inner
-        .cipher
+    let n = cipher
         .open(
             h.nonce,
             h.kind,
             h.flags,
             h.raw_len,
-            id,
+            &h.chunk,
             &mut rec[RECORD_HEADER_BYTES..],
         )
         .map_err(|_| corrupt("authentication (AEAD tag) failed"))?;
@@ -49,10 +83,11 @@ pub(crate) fn load_chunk(inner: &Inner, id: &ChunkId, entry: &ChunkEntry) -> Res
     } else {
         Bytes::from(rec).slice(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + n)
     };
-    if plain.len() != h.raw_len as usize || inner.chunk_id(&plain) != *id {
+    let name = ChunkId(*blake3::keyed_hash(naming_key, &plain).as_bytes());
+    if plain.len() != h.raw_len as usize || name != h.chunk {
         return Err(corrupt("content does not match the chunk name"));
     }
-    Ok(plain)
+    Ok((h, plain))
 }
 
 /// Looks up and loads a chunk named by a recipe.
@@ -69,6 +104,9 @@ pub(crate) fn fetch_chunk(inner: &Inner, e: &RecipeEntry) -> Result<Bytes> {
             cf: "chunks",
             reason: format!("chunk {} length differs from its recipe", e.chunk),
         });
+    }
+    if entry.is_quarantined() {
+        return Err(Error::ChunkQuarantined { chunk: e.chunk });
     }
     match load_chunk(inner, &e.chunk, &entry) {
         // Compaction moved the chunk and removed its old segment between
@@ -101,7 +139,7 @@ pub(crate) fn fetch_staged_or_stored(
             cf: "staged",
             reason: format!("held write {} lacks chunk {}", recipe.0, e.chunk),
         })?;
-    let loc = crate::index::codec::Location::decode(&staged, crate::index::CF_STAGED)?;
+    let loc = Location::decode(&staged, crate::index::CF_STAGED)?;
     if loc.raw_len != e.raw_len {
         return Err(Error::CorruptIndex {
             cf: "staged",
@@ -127,6 +165,29 @@ pub(crate) fn recipe_parts<'a>(
             Err(e) => Some(Err(e)),
         }
     })
+}
+
+/// How many of a blob's recipe entries name a quarantined (or missing) chunk.
+pub(crate) fn quarantined_chunks(inner: &Inner, entry: &BlobEntry) -> Result<u64> {
+    count_quarantined(inner, entry, |id| inner.index.chunk(id))
+}
+
+/// [`quarantined_chunks`] with chunk entries from `lookup` (the committer's
+/// overlay, a repair's plan).
+pub(crate) fn count_quarantined(
+    inner: &Inner,
+    entry: &BlobEntry,
+    lookup: impl Fn(&ChunkId) -> Result<Option<ChunkEntry>>,
+) -> Result<u64> {
+    let mut n = 0u64;
+    for part in recipe_parts(inner, entry) {
+        for e in part?.entries {
+            if lookup(&e.chunk)?.is_none_or(|c| c.is_quarantined()) {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// A streaming reader over a byte range of one blob.
@@ -155,6 +216,17 @@ impl BlobReader {
             .index
             .blob(digest)?
             .ok_or_else(|| Error::BlobUnknown(digest.clone()))?;
+        if inner.index.broken(digest)? {
+            // Marked by fsck --repair: fail before any byte is served,
+            // unless a later write has restored every chunk.
+            let chunks = quarantined_chunks(&inner, &entry)?;
+            if chunks > 0 {
+                return Err(Error::BlobBroken {
+                    digest: digest.clone(),
+                    chunks,
+                });
+            }
+        }
         let len = len.unwrap_or(entry.size.saturating_sub(offset));
         let end = offset
             .checked_add(len)

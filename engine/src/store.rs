@@ -63,6 +63,9 @@ pub(crate) struct Inner {
     /// chunk in one of them stores a fresh copy instead of deduplicating.
     pub retiring: RwLock<HashSet<SegmentId>>,
     retiring_any: AtomicBool,
+    /// Held by the committer from appending journal records until its index
+    /// batch is written (see `journal::is_live`).
+    pub journal_lock: Mutex<()>,
 }
 
 /// The live writers: each one's *floor* (the lowest segment its appends,
@@ -160,6 +163,21 @@ impl Inner {
         ChunkId(*blake3::keyed_hash(&self.naming_key, data).as_bytes())
     }
 
+    /// Appends a metadata journal record (`crate::journal`), encrypted and
+    /// named like a chunk. Durable with the next segment fsync.
+    pub fn append_meta(&self, kind: u8, payload: &[u8]) -> Result<Location> {
+        self.segments.append(
+            &self.cipher,
+            crate::segment::PreparedChunk {
+                kind,
+                id: self.chunk_id(payload),
+                flags: 0,
+                raw_len: payload.len() as u32,
+                record: crate::segment::PreparedChunk::buffer(payload),
+            },
+        )
+    }
+
     pub fn next_recipe_id(&self) -> Result<RecipeId> {
         let mut g = self.recipe_ids.lock().unwrap_or_else(|p| p.into_inner());
         if g.0 >= g.1 {
@@ -240,6 +258,7 @@ impl Store {
             writers: Mutex::new(Writers::default()),
             retiring: RwLock::new(HashSet::new()),
             retiring_any: AtomicBool::new(false),
+            journal_lock: Mutex::new(()),
         });
         let committer = if inner.cfg.read_only {
             None
@@ -281,8 +300,18 @@ impl Store {
         w.commit()
     }
 
+    /// A committed blob, if it is stored and whole: a blob that fsck
+    /// --repair found broken (naming quarantined chunks) is reported absent,
+    /// so that clients push it again, which restores it.
     pub fn stat(&self, digest: &Digest) -> Result<Option<BlobInfo>> {
-        Ok(self.inner.index.blob(digest)?.map(|e| BlobInfo {
+        let inner = &*self.inner;
+        let entry = inner.index.blob(digest)?;
+        if let Some(e) = &entry {
+            if inner.index.broken(digest)? && crate::read::quarantined_chunks(inner, e)? > 0 {
+                return Ok(None);
+            }
+        }
+        Ok(entry.map(|e| BlobInfo {
             digest: digest.clone(),
             size: e.size,
             chunk_count: e.chunk_count,
@@ -425,6 +454,17 @@ impl Store {
         self.inner.segments.check_writable()?;
         if txn.checks.is_empty() && txn.is_empty() {
             return Ok(());
+        }
+        // Each change must fit one journal record.
+        let max = self.inner.cfg.journal_record_bytes_max();
+        for op in &txn.ops {
+            let n = crate::journal::change_bytes(&op.cf, &op.key, op.value.as_deref());
+            if n > max {
+                return Err(Error::Config(format!(
+                    "a change of {n} bytes to {} is larger than a journal record ({max} bytes)",
+                    op.cf
+                )));
+            }
         }
         self.inner.request(|reply| Request::Txn { txn, reply })
     }

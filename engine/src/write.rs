@@ -17,7 +17,7 @@ use crate::index::codec::{
     RECIPE_PART_ENTRIES,
 };
 use crate::index::{CF_PENDING, CF_RECIPES, CF_STAGED};
-use crate::segment::format::{FLAG_ZSTD, RECORD_HEADER_BYTES};
+use crate::segment::format::{FLAG_ZSTD, KIND_CHUNK, RECORD_HEADER_BYTES};
 use crate::segment::PreparedChunk;
 use crate::store::{now_unix_ms, BlobInfo, Inner, WriterTicket, INFLIGHT_CHUNKS_MAX};
 use bytes::Bytes;
@@ -366,12 +366,13 @@ impl BlobWriter {
         }
         let (recipe, size, chunk_count) = (self.recipe, self.size, summary.chunks);
         let digest = actual.clone();
+        let created_unix_ms = now_unix_ms();
         let e = match self.inner.request(|reply| Request::Commit {
             recipe,
             digest,
             size,
             chunk_count,
-            created_unix_ms: now_unix_ms(),
+            created_unix_ms,
             reply,
         }) {
             Ok(e) => e,
@@ -628,11 +629,12 @@ impl<'a> CutStage<'a> {
         for chunk in std::mem::take(&mut self.batch) {
             let id = inner.chunk_id(&chunk);
             // A chunk stored in a segment a compaction is emptying is
-            // written afresh: compaction may drop it once it has no references.
+            // written afresh: compaction may drop it once it has no
+            // references. So is a quarantined one: this copy restores it.
             let stored = inner
                 .index
                 .chunk(&id)?
-                .is_some_and(|e| !inner.is_retiring(e.loc.segment));
+                .is_some_and(|e| !e.is_quarantined() && !inner.is_retiring(e.loc.segment));
             let is_new =
                 !stored && !self.sent.contains(&id) && !(self.held && self.staged_here(&id)?);
             let compress = is_new && looks_compressible(&chunk);
@@ -685,6 +687,7 @@ impl<'a> CutStage<'a> {
                         // A closed queue means the appender failed; its error is reported.
                         self.atx
                             .send(AppendMsg::Chunk(PreparedChunk {
+                                kind: KIND_CHUNK,
                                 id,
                                 flags,
                                 raw_len,

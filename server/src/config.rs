@@ -52,6 +52,12 @@ pub struct ServerConfig {
     /// Bytes compaction copies per second at most, so that pushes and
     /// pulls keep their speed.
     pub compact_bytes_per_sec_max: u64,
+    /// Time between scrub passes, which re-read and check every sealed
+    /// segment (the first starts 10 minutes after startup, or one interval
+    /// if that is shorter); 0 turns the scrub off.
+    pub scrub_interval_secs: u64,
+    /// Bytes the scrub reads per second at most.
+    pub scrub_bytes_per_sec_max: u64,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +82,8 @@ impl Default for ServerConfig {
             gc_untagged_age_secs: 0,
             compact_live_fraction_max: 0.5,
             compact_bytes_per_sec_max: 64 << 20,
+            scrub_interval_secs: 7 * 86_400,
+            scrub_bytes_per_sec_max: 32 << 20,
         }
     }
 }
@@ -167,6 +175,8 @@ impl ServerConfig {
             "COMPACT_BYTES_PER_SEC_MAX" => {
                 self.compact_bytes_per_sec_max = num(value).map_err(bad)?
             }
+            "SCRUB_INTERVAL_SECS" => self.scrub_interval_secs = num(value).map_err(bad)?,
+            "SCRUB_BYTES_PER_SEC_MAX" => self.scrub_bytes_per_sec_max = num(value).map_err(bad)?,
             // Variables of other commands (ORLOP_LOG, ORLOP_STORE_KEY, ...).
             _ => {}
         }
@@ -187,6 +197,7 @@ impl ServerConfig {
             ("connections_max", self.connections_max as u64),
             ("list_page_max", self.list_page_max as u64),
             ("request_head_timeout_secs", self.request_head_timeout_secs),
+            ("scrub_bytes_per_sec_max", self.scrub_bytes_per_sec_max),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -203,10 +214,15 @@ impl ServerConfig {
                 "gc_grace_secs must be at least 1 while online collection runs: it covers the gap between an upload's commit and its link".into(),
             ));
         }
-        if self.gc_interval_secs > 10 * 365 * 86_400 {
-            return Err(ConfigError::Invalid(
-                "gc_interval_secs is at most ten years (0 turns collection off)".into(),
-            ));
+        for (name, v) in [
+            ("gc_interval_secs", self.gc_interval_secs),
+            ("scrub_interval_secs", self.scrub_interval_secs),
+        ] {
+            if v > 10 * 365 * 86_400 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} is at most ten years (0 turns it off)"
+                )));
+            }
         }
         if self.manifest_bytes_max > 64 << 20 {
             return Err(ConfigError::Invalid(

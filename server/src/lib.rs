@@ -15,6 +15,7 @@ pub mod meta;
 pub mod metrics;
 pub mod names;
 mod routes;
+pub mod scrub;
 pub mod serve;
 pub mod upload;
 

@@ -38,6 +38,19 @@ pub struct Metrics {
     pub blob_commit_seconds: Histogram,
     pub engine: EngineObserver,
     pub gc: GcMetrics,
+    pub scrub: ScrubMetrics,
+}
+
+/// The scrub of sealed segments, one observation per pass.
+#[derive(Clone, Default)]
+pub struct ScrubMetrics {
+    pub passes: Counter,
+    pub failures: Counter,
+    pub bytes: Counter,
+    pub records: Counter,
+    pub damaged: Counter,
+    pub last_pass_damaged: Gauge,
+    pub last_pass_unix_seconds: Gauge,
 }
 
 /// Online garbage collection, one observation per run.
@@ -192,6 +205,30 @@ impl Metrics {
             "When the latest successful garbage collection run ended",
             gc.last_success_unix_seconds.clone(),
         );
+        let scrub = ScrubMetrics::default();
+        for (name, help, c) in [
+            ("orlop_scrub_passes", "Scrub passes over the sealed segments", &scrub.passes),
+            ("orlop_scrub_failures", "Scrub passes that failed", &scrub.failures),
+            ("orlop_scrub_read_bytes", "Segment bytes the scrub read and checked", &scrub.bytes),
+            ("orlop_scrub_records", "Records the scrub checked", &scrub.records),
+            (
+                "orlop_scrub_damaged",
+                "Damaged records and segments the scrub found (each pass counts again; run orlop fsck --repair)",
+                &scrub.damaged,
+            ),
+        ] {
+            registry.register(name, help, c.clone());
+        }
+        registry.register(
+            "orlop_scrub_last_pass_damaged",
+            "Damaged records and segments found by the latest complete scrub pass",
+            scrub.last_pass_damaged.clone(),
+        );
+        registry.register(
+            "orlop_scrub_last_pass_unix_seconds",
+            "When the latest complete scrub pass ended",
+            scrub.last_pass_unix_seconds.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -203,6 +240,7 @@ impl Metrics {
             blob_commit_seconds,
             engine,
             gc,
+            scrub,
         }
     }
 

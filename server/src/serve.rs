@@ -165,6 +165,7 @@ async fn serve<F: Future<Output = ()>>(app: Arc<App>, listener: TcpListener, sto
     let mut tasks = tokio::task::JoinSet::new();
     let expiry = tokio::spawn(expire_uploads(app.clone()));
     let gc = tokio::spawn(collect_garbage(app.clone()));
+    let scrub = tokio::spawn(scrub_segments(app.clone()));
     let mut stop = std::pin::pin!(stop);
     loop {
         let permit = match race(conns.clone().acquire_owned(), stop.as_mut()).await {
@@ -220,6 +221,9 @@ async fn serve<F: Future<Output = ()>>(app: Arc<App>, listener: TcpListener, sto
         .store(true, std::sync::atomic::Ordering::SeqCst);
     gc.abort();
     let _ = gc.await;
+    // A pass in progress ends at its next record (it only reads).
+    scrub.abort();
+    let _ = scrub.await;
     let waited = tokio::time::timeout(Duration::from_secs(30), async {
         while app.gc_running.load(std::sync::atomic::Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -276,6 +280,26 @@ async fn collect_garbage(app: Arc<App>) {
         let r = tokio::task::spawn_blocking(move || crate::gc::run(&app2)).await;
         if let Err(e) = r {
             tracing::error!(error = %e, "garbage collection task failed");
+        }
+    }
+}
+
+/// A scrub pass every `scrub_interval_secs`, the first 10 minutes after
+/// startup (or one interval, if that is shorter), on a blocking thread.
+async fn scrub_segments(app: Arc<App>) {
+    if app.cfg.scrub_interval_secs == 0 {
+        return;
+    }
+    let every = Duration::from_secs(app.cfg.scrub_interval_secs);
+    let first = every.min(Duration::from_secs(600));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let app2 = app.clone();
+        let r = tokio::task::spawn_blocking(move || crate::scrub::run(&app2)).await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "scrub task failed");
         }
     }
 }

@@ -13,6 +13,15 @@ pub struct FsckArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Repair what can be repaired (on a stopped store): quarantine damaged
+    /// chunks, mark the blobs that use them broken, set every reference
+    /// count to its recount, and name the repositories, manifests and tags
+    /// each broken blob takes with it.
+    #[arg(long)]
+    repair: bool,
+    /// With --repair: report what would be done, change nothing.
+    #[arg(long, requires = "repair")]
+    dry_run: bool,
 }
 
 fn problem_json(p: &Problem) -> serde_json::Value {
@@ -49,10 +58,21 @@ fn problem_json(p: &Problem) -> serde_json::Value {
             "refcount_mismatch",
             serde_json::json!({"chunk": hex::encode(chunk.0), "recorded": recorded, "actual": actual}),
         ),
+        Problem::ChunkMissing {
+            chunk,
+            references,
+            raw_len,
+        } => (
+            "chunk_missing",
+            serde_json::json!({"chunk": hex::encode(chunk.0), "references": references, "raw_len": raw_len}),
+        ),
         Problem::SegmentDamaged { segment, detail } => (
             "segment_damaged",
             serde_json::json!({"segment": segment.to_string(), "detail": detail}),
         ),
+        Problem::JournalIncomplete { detail } => {
+            ("journal_incomplete", serde_json::json!({"detail": detail}))
+        }
         Problem::IndexCorrupt { detail } => {
             ("index_corrupt", serde_json::json!({"detail": detail}))
         }
@@ -64,8 +84,11 @@ fn problem_json(p: &Problem) -> serde_json::Value {
 
 pub fn run(a: FsckArgs) -> Result<i32> {
     let mut cfg = a.store.config();
-    cfg.read_only = true;
+    cfg.read_only = !a.repair || a.dry_run;
     let store = std::sync::Arc::new(Store::open(cfg)?);
+    if a.repair {
+        return crate::repair::run(store, a.dry_run, a.json);
+    }
     let started = Instant::now();
     let bar = crate::progress_bar(!a.json, "");
     let report = store.verify_with_progress(&mut |p| crate::show_progress(&bar, p))?;
@@ -79,10 +102,12 @@ pub fn run(a: FsckArgs) -> Result<i32> {
         Vec::new()
     };
     let clean = report.is_clean() && registry_problems.is_empty();
+    let whole = clean && report.broken_blobs.is_empty();
     let secs = started.elapsed().as_secs_f64();
     if a.json {
         let v = serde_json::json!({
             "clean": clean,
+            "whole": whole,
             "registry_problems": registry_problems,
             "blobs": report.blobs,
             "chunks": report.chunks,
@@ -94,6 +119,8 @@ pub fn run(a: FsckArgs) -> Result<i32> {
             "dead_records": report.dead_records,
             "dead_record_bytes": report.dead_record_bytes,
             "pending_writes": report.pending_writes,
+            "quarantined_chunks": report.quarantined_chunks,
+            "broken_blobs": report.broken_blobs.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
             "problems": report.problems.iter().map(problem_json).collect::<Vec<_>>(),
             "seconds": secs,
         });
@@ -104,6 +131,9 @@ pub fn run(a: FsckArgs) -> Result<i32> {
         }
         for p in &registry_problems {
             println!("PROBLEM registry: {p}");
+        }
+        for d in &report.broken_blobs {
+            println!("BROKEN blob {d}: names quarantined chunks (push it again to restore it)");
         }
         println!(
             "fsck: {} blobs, {} chunks, {} segments, {:.1} MiB verified in {:.2}s",
@@ -124,8 +154,14 @@ pub fn run(a: FsckArgs) -> Result<i32> {
         );
         println!(
             "{}",
-            if clean {
+            if whole {
                 "store is clean".to_string()
+            } else if clean {
+                format!(
+                    "consistent, but {} broken blobs ({} quarantined chunks)",
+                    report.broken_blobs.len(),
+                    report.quarantined_chunks
+                )
             } else {
                 format!(
                     "{} problems found",
@@ -134,5 +170,5 @@ pub fn run(a: FsckArgs) -> Result<i32> {
             }
         );
     }
-    Ok(if clean { 0 } else { 1 })
+    Ok(if whole { 0 } else { 1 })
 }

@@ -3,6 +3,8 @@
 mod compact;
 mod fsck;
 mod gc;
+mod rebuild;
+mod repair;
 mod serve;
 mod stats;
 
@@ -111,6 +113,8 @@ enum Cmd {
     Compact(compact::CompactArgs),
     /// Blobs, chunks, bytes, dedupe and compression ratios, segment live ratios.
     Stats(stats::StatsArgs),
+    /// Recreate a lost or corrupt index from the segments (a stopped store).
+    RebuildIndex(rebuild::RebuildArgs),
     /// Generate a new random store key file (mode 0600).
     Keygen { path: PathBuf },
 }
@@ -206,6 +210,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Gc(a) => gc::run(a),
         Cmd::Compact(a) => compact::run(a),
         Cmd::Stats(a) => stats::run(a),
+        Cmd::RebuildIndex(a) => rebuild::run(a),
         Cmd::Keygen { path } => {
             MasterKey::generate()?.write_file(&path)?;
             println!("wrote a new key to {} (mode 0600)", path.display());

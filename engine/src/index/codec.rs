@@ -60,6 +60,27 @@ pub struct ChunkEntry {
 }
 
 impl ChunkEntry {
+    /// The entry of a chunk that `Store::repair` found damaged (or missing)
+    /// while recipes still name it: no location (segment 0, which is never
+    /// allocated), its length and count kept. Readers refuse it; the next
+    /// writer that stores the same content gives it a home again.
+    pub fn quarantined(raw_len: u32, refs: u64) -> Self {
+        ChunkEntry {
+            loc: Location {
+                segment: SegmentId(0),
+                offset: 0,
+                payload_len: 0,
+                raw_len,
+                flags: 0,
+            },
+            refs,
+        }
+    }
+
+    pub fn is_quarantined(&self) -> bool {
+        self.loc.segment.0 == 0
+    }
+
     pub fn encode(&self) -> [u8; 32] {
         let mut b = [0u8; 32];
         b[..24].copy_from_slice(&self.loc.encode());

@@ -26,7 +26,8 @@ pub const CF_STAGED: &str = "staged";
 pub const CF_PENDING: &str = "pending";
 pub const CF_SEGMENTS: &str = "segments";
 pub const CF_HELD: &str = "held";
-const ENGINE_CFS: [&str; 8] = [
+pub const CF_BROKEN: &str = "broken";
+const ENGINE_CFS: [&str; 9] = [
     CF_META,
     CF_CHUNKS,
     CF_BLOBS,
@@ -35,6 +36,7 @@ const ENGINE_CFS: [&str; 8] = [
     CF_PENDING,
     CF_SEGMENTS,
     CF_HELD,
+    CF_BROKEN,
 ];
 
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";
@@ -42,6 +44,7 @@ pub const META_STORE_ID: &[u8] = b"store_id";
 pub const META_KEY_CHECK: &[u8] = b"key_check";
 pub const META_NEXT_SEGMENT: &[u8] = b"next_segment_id";
 pub const META_NEXT_RECIPE: &[u8] = b"next_recipe_id";
+pub const META_NEXT_TXN_SEQ: &[u8] = b"next_txn_seq";
 
 /// RocksDB's shared block cache.
 const BLOCK_CACHE_BYTES: usize = 64 << 20;
@@ -88,7 +91,7 @@ impl Index {
             .map(|n| {
                 ColumnFamilyDescriptor::new(
                     *n,
-                    cf_options(&cache, matches!(*n, CF_CHUNKS | CF_BLOBS)),
+                    cf_options(&cache, matches!(*n, CF_CHUNKS | CF_BLOBS | CF_BROKEN)),
                 )
             })
             .chain(
@@ -210,6 +213,15 @@ impl Index {
             }
         }
         Ok(out)
+    }
+
+    /// Whether `Store::repair` marked the blob broken (a store that
+    /// predates the `broken` family, open read-only, has none).
+    pub fn broken(&self, d: &Digest) -> Result<bool> {
+        if self.read_only && self.db.cf_handle(CF_BROKEN).is_none() {
+            return Ok(false);
+        }
+        Ok(self.get(CF_BROKEN, &d.to_key())?.is_some())
     }
 
     pub fn segment(&self, id: SegmentId) -> Result<Option<SegmentEntry>> {

@@ -21,8 +21,14 @@ const HEADER_MAGIC: &[u8; 8] = b"ORLOPSEG";
 const FOOTER_MAGIC: &[u8; 8] = b"ORLOPEND";
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"CHNK");
 
-/// Record kinds. Kind 1 is a data chunk; later kinds (metadata journal) are reserved.
+/// Record kinds: a data chunk, then the metadata journal (`crate::journal`):
+/// a committed blob's recipe part, a committed blob, a layer's transaction.
 pub const KIND_CHUNK: u8 = 1;
+pub const KIND_RECIPE: u8 = 2;
+pub const KIND_BLOB: u8 = 3;
+pub const KIND_TXN: u8 = 4;
+/// Transaction sequence numbers that were never applied (`crate::journal`).
+pub const KIND_VOID: u8 = 5;
 /// Flag bit: the payload is zstd-compressed before encryption.
 pub const FLAG_ZSTD: u8 = 1;
 

@@ -5,7 +5,9 @@
 pub mod format;
 mod recovery;
 
-pub use recovery::{scan_segment, scan_unsealed, ScanResult};
+pub use recovery::{
+    footer_mismatch, scan_segment, scan_segment_records, scan_unsealed, ScanResult,
+};
 
 use crate::crypto::{nonce_for, ChunkCipher, TAG_BYTES};
 use crate::error::{Error, Result};
@@ -52,6 +54,8 @@ pub(crate) struct Segments {
 /// A chunk ready to append: `RECORD_HEADER_BYTES` of headroom followed by
 /// its plaintext or compressed bytes, not yet encrypted.
 pub(crate) struct PreparedChunk {
+    /// Record kind: a data chunk, or a metadata record (`journal`).
+    pub kind: u8,
     pub id: ChunkId,
     pub flags: u8,
     pub raw_len: u32,
@@ -160,6 +164,13 @@ impl Segments {
         // Again under the lock: a failure by another appender may have
         // poisoned the store since the caller's check.
         self.check_writable()?;
+        // A record that no segment can hold would run into the footer.
+        if HEADER_BYTES + record_len + FOOTER_BYTES > self.segment_bytes {
+            return Err(Error::Config(format!(
+                "a record of {record_len} bytes does not fit a segment of {} bytes",
+                self.segment_bytes
+            )));
+        }
         let full = match guard.as_ref() {
             None => true,
             Some(a) => a.offset + record_len > self.segment_bytes - FOOTER_BYTES,
@@ -210,7 +221,7 @@ impl Segments {
         let tag = cipher
             .seal_detached(
                 nonce,
-                format::KIND_CHUNK,
+                chunk.kind,
                 chunk.flags,
                 chunk.raw_len,
                 &chunk.id,
@@ -219,7 +230,7 @@ impl Segments {
             .map_err(|_| Error::Config("AEAD seal failed".into()))?;
         chunk.record.extend_from_slice(&tag);
         let header = RecordHeader {
-            kind: format::KIND_CHUNK,
+            kind: chunk.kind,
             flags: chunk.flags,
             payload_len: (body_len + TAG_BYTES) as u32,
             raw_len: chunk.raw_len,
@@ -426,6 +437,18 @@ impl Segments {
 
     /// Reads one whole record (header ‖ payload) and checks its checksum.
     pub fn read_record(&self, loc: &Location) -> Result<Vec<u8>> {
+        let buf = self.read_raw(loc)?;
+        if !RecordHeader::checksum_ok(&buf) {
+            return Err(Error::ChecksumMismatch {
+                segment: loc.segment,
+                offset: loc.offset as u64,
+            });
+        }
+        Ok(buf)
+    }
+
+    /// A record's bytes as they are on disk, unchecked (for quarantine).
+    pub fn read_raw(&self, loc: &Location) -> Result<Vec<u8>> {
         let file = self.file(loc.segment)?;
         let mut buf = vec![0u8; loc.record_len() as usize];
         file.read_at(&mut buf, loc.offset as u64).map_err(|e| {
@@ -439,12 +462,6 @@ impl Segments {
                 Error::io(self.path_of(loc.segment), e)
             }
         })?;
-        if !RecordHeader::checksum_ok(&buf) {
-            return Err(Error::ChecksumMismatch {
-                segment: loc.segment,
-                offset: loc.offset as u64,
-            });
-        }
         Ok(buf)
     }
 }

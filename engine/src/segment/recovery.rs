@@ -3,6 +3,7 @@
 
 use super::format::{
     RecordHeader, SegmentFooter, SegmentHeader, FOOTER_BYTES, HEADER_BYTES, RECORD_HEADER_BYTES,
+    RECORD_MAGIC,
 };
 use crate::io::SegmentFile;
 
@@ -16,14 +17,31 @@ pub struct ScanResult {
     pub record_count: u64,
     pub data_crc: u32,
     pub file_len: u64,
-    /// Why the scan stopped before the footer's data end, if it did.
+    /// Why the scan stopped before the footer's data end, if it did (for a
+    /// sealed segment: the first damage it skipped).
     pub stopped: Option<String>,
+    /// In a sealed segment, each damaged stretch the scan skipped to the
+    /// next valid record: (offset, bytes skipped, why).
+    pub damaged: Vec<(u64, u64, String)>,
 }
 
 /// Scans the file. `visit` sees each valid record's offset and header.
 pub fn scan_segment(
     file: &dyn SegmentFile,
-    visit: impl FnMut(u64, &RecordHeader),
+    mut visit: impl FnMut(u64, &RecordHeader),
+) -> std::io::Result<ScanResult> {
+    scan(file, true, |off, h, _| {
+        visit(off, h);
+        true
+    })
+}
+
+/// Like [`scan_segment`], and `visit` also sees the whole record (header
+/// and payload, its CRC checked), so a caller can check it further without
+/// reading it again; it returns false to end the scan there.
+pub fn scan_segment_records(
+    file: &dyn SegmentFile,
+    visit: impl FnMut(u64, &RecordHeader, Vec<u8>) -> bool,
 ) -> std::io::Result<ScanResult> {
     scan(file, true, visit)
 }
@@ -31,13 +49,28 @@ pub fn scan_segment(
 /// Like [`scan_segment`], but trusts an intact footer and reads records only
 /// of unsealed segments (what opening a store needs).
 pub fn scan_unsealed(file: &dyn SegmentFile) -> std::io::Result<ScanResult> {
-    scan(file, false, |_, _| {})
+    scan(file, false, |_, _, _| true)
+}
+
+/// What is wrong with a segment that has an intact footer, if anything:
+/// the scan stopped early, or its records do not match the footer's count
+/// and checksum.
+pub fn footer_mismatch(s: &ScanResult) -> Option<String> {
+    let f = s.footer.as_ref()?;
+    if let Some(why) = &s.stopped {
+        return Some(match s.damaged.len() {
+            0 | 1 => why.clone(),
+            n => format!("{n} damaged stretches, the first: {why}"),
+        });
+    }
+    (f.data_crc != s.data_crc || f.record_count != s.record_count)
+        .then(|| "footer checksum or record count mismatch".to_string())
 }
 
 fn scan(
     file: &dyn SegmentFile,
     records_of_sealed: bool,
-    mut visit: impl FnMut(u64, &RecordHeader),
+    mut visit: impl FnMut(u64, &RecordHeader, Vec<u8>) -> bool,
 ) -> std::io::Result<ScanResult> {
     let file_len = file.len()?;
     let mut hb = [0u8; HEADER_BYTES as usize];
@@ -55,6 +88,7 @@ fn scan(
         data_crc: 0,
         file_len,
         stopped: None,
+        damaged: Vec::new(),
     };
     let Ok(h) = &res.header else {
         return Ok(res);
@@ -74,34 +108,91 @@ fn scan(
         Some(f) => f.data_end.min(file_len),
         None => file_len.min(h.segment_bytes.saturating_sub(FOOTER_BYTES)),
     };
+    // A sealed segment's records end at the footer's data end, so damage
+    // before it is skipped: the scan looks for the next valid record (its
+    // magic, a length within the data, and its CRC). An unsealed segment
+    // ends at its first invalid record: that is its torn tail.
+    let resync = res.footer.is_some();
     let mut off = HEADER_BYTES;
-    let mut rh = [0u8; RECORD_HEADER_BYTES];
-    let mut record = Vec::new();
     while off + RECORD_HEADER_BYTES as u64 <= limit {
-        file.read_at(&mut rh, off)?;
-        let Some(r) = RecordHeader::decode(&rh) else {
-            res.stopped = Some(format!("no record header at offset {off}"));
-            break;
+        let (r, record) = match read_record_at(file, off, limit)? {
+            Ok(x) => x,
+            Err(why) => {
+                res.stopped.get_or_insert_with(|| why.clone());
+                if !resync {
+                    break;
+                }
+                let next = next_valid_record(file, off + 1, limit)?;
+                res.damaged.push((off, next - off, why));
+                off = next;
+                continue;
+            }
         };
         let end = off + r.total_len();
-        if end > limit {
-            res.stopped = Some(format!("record at offset {off} runs past the data end"));
-            break;
-        }
-        record.resize(r.total_len() as usize, 0);
-        file.read_at(&mut record, off)?;
-        if !RecordHeader::checksum_ok(&record) {
-            res.stopped = Some(format!("checksum mismatch at offset {off}"));
-            break;
-        }
-        visit(off, &r);
         res.data_crc = super::format::chain_record_crc(res.data_crc, &record);
         res.record_count += 1;
+        let go_on = visit(off, &r, record);
         off = end;
+        if !go_on {
+            res.data_end = off;
+            return Ok(res);
+        }
     }
     res.data_end = off;
     if res.stopped.is_none() && off < limit && res.footer.is_some() {
         res.stopped = Some(format!("trailing bytes at offset {off}"));
     }
     Ok(res)
+}
+
+/// The record at `off`, if a valid one (magic, length within `limit`, CRC)
+/// starts there; else why not.
+fn read_record_at(
+    file: &dyn SegmentFile,
+    off: u64,
+    limit: u64,
+) -> std::io::Result<Result<(RecordHeader, Vec<u8>), String>> {
+    let mut rh = [0u8; RECORD_HEADER_BYTES];
+    file.read_at(&mut rh, off)?;
+    let Some(r) = RecordHeader::decode(&rh) else {
+        return Ok(Err(format!("no record header at offset {off}")));
+    };
+    if off + r.total_len() > limit {
+        return Ok(Err(format!(
+            "record at offset {off} runs past the data end"
+        )));
+    }
+    let mut record = vec![0u8; r.total_len() as usize];
+    file.read_at(&mut record, off)?;
+    if !RecordHeader::checksum_ok(&record) {
+        return Ok(Err(format!("checksum mismatch at offset {off}")));
+    }
+    Ok(Ok((r, record)))
+}
+
+/// Where the next valid record starts at or after `from` (`limit` if none):
+/// each occurrence of the record magic is tried in turn.
+fn next_valid_record(file: &dyn SegmentFile, from: u64, limit: u64) -> std::io::Result<u64> {
+    const WINDOW: u64 = 1 << 20;
+    let magic = RECORD_MAGIC.to_le_bytes();
+    let mut at = from;
+    let mut buf = Vec::new();
+    while at + RECORD_HEADER_BYTES as u64 <= limit {
+        let n = WINDOW.min(limit - at);
+        buf.resize(n as usize, 0);
+        file.read_at(&mut buf, at)?;
+        for i in 0..buf.len().saturating_sub(3) {
+            if buf[i..i + 4] == magic {
+                let cand = at + i as u64;
+                if cand + RECORD_HEADER_BYTES as u64 <= limit
+                    && read_record_at(file, cand, limit)?.is_ok()
+                {
+                    return Ok(cand);
+                }
+            }
+        }
+        // Overlap by three bytes: a magic may straddle two windows.
+        at += n.saturating_sub(3).max(1);
+    }
+    Ok(limit)
 }

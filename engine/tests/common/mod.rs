@@ -1,8 +1,10 @@
 #![allow(dead_code)]
-use orlop_engine::io::FaultIo;
+use orlop_engine::io::{FaultIo, OpenMode, PreadIo, SegmentIo};
+use orlop_engine::segment::scan_segment;
 use orlop_engine::{ChunkParams, IoBackend, KeySource, Store, StoreConfig};
 use rand::{RngCore, SeedableRng};
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub const KEY: [u8; 32] = [7; 32];
@@ -55,4 +57,37 @@ pub fn text(seed: u64, len: usize) -> Vec<u8> {
 pub fn assert_clean(s: &Store) {
     let r = s.verify().unwrap_or_else(|e| panic!("verify: {e}"));
     assert!(r.is_clean(), "verify found problems: {:#?}", r.problems);
+}
+
+pub fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir.join("segments"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// (offset, payload_len) of every record in a segment file.
+pub fn records(path: &Path) -> Vec<(u64, u64)> {
+    let f = PreadIo
+        .open(path, OpenMode::ReadOnly)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    scan_segment(&*f, |off, h| out.push((off, h.payload_len as u64)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    out
+}
+
+pub fn flip(path: &Path, at: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at)
+        .unwrap_or_else(|e| panic!("{e}"));
+    b[0] ^= 0x20;
+    f.write_all_at(&b, at).unwrap_or_else(|e| panic!("{e}"));
 }

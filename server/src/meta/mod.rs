@@ -13,6 +13,7 @@ mod audit;
 pub mod codec;
 mod sweep;
 
+pub use audit::BlobUse;
 pub use sweep::SweepReport;
 
 use crate::error::{ApiError, ApiResult};

@@ -143,7 +143,9 @@ async fn try_mount(
     let (repo, d) = (repo.clone(), d.clone());
     blocking(move || {
         let available = match &from {
-            Some(from) => reg.blob_linked(from, &d)?,
+            // A blob fsck --repair found broken is not mounted: the
+            // client uploads it, which restores it.
+            Some(from) => reg.blob_linked(from, &d)? && reg.store().stat(&d)?.is_some(),
             None => reg.store().stat(&d)?.is_some(),
         };
         if !available {

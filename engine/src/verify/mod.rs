@@ -7,12 +7,15 @@ use crate::index::codec::{BlobEntry, ChunkEntry};
 use crate::index::{CF_BLOBS, CF_CHUNKS, CF_PENDING, CF_STAGED};
 use crate::read::BlobReader;
 use crate::read::{load_chunk, recipe_parts};
-use crate::segment::scan_segment;
+use crate::segment::format::KIND_CHUNK;
+use crate::segment::{footer_mismatch, scan_segment_records};
 use crate::store::{Inner, Store};
 use crate::write::Hasher;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
+
+mod journal;
 
 /// Progress of a long verify, for progress bars.
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +56,17 @@ pub enum Problem {
         chunk: ChunkId,
         recorded: u64,
         actual: u64,
+    },
+    /// The metadata journal in the log does not describe the index (a
+    /// rebuild would not recreate it).
+    JournalIncomplete {
+        detail: String,
+    },
+    /// Recipes name a chunk `references` times that the index does not have.
+    ChunkMissing {
+        chunk: ChunkId,
+        references: u64,
+        raw_len: u32,
     },
     SegmentDamaged {
         segment: SegmentId,
@@ -96,6 +110,13 @@ impl fmt::Display for Problem {
                     "chunk {chunk:?} records {recorded} references, recount finds {actual}"
                 )
             }
+            Problem::JournalIncomplete { detail } => write!(f, "journal: {detail}"),
+            Problem::ChunkMissing {
+                chunk, references, ..
+            } => write!(
+                f,
+                "chunk {chunk:?} is named {references} times by recipes but missing"
+            ),
             Problem::SegmentDamaged { segment, detail } => write!(f, "segment {segment}: {detail}"),
             Problem::IndexCorrupt { detail } => write!(f, "index: {detail}"),
         }
@@ -121,11 +142,27 @@ pub struct VerifyReport {
     /// Uncommitted writes (in progress, or left by a crash until the next open).
     pub pending_writes: u64,
     pub staged_chunks: u64,
+    /// Metadata journal records in the segments.
+    pub journal_records: u64,
+    /// What the journal lacks (`Problem::JournalIncomplete`), for a repair.
+    pub(crate) journal_gaps: journal::JournalGaps,
+    /// Chunks `Store::repair` quarantined that no write has restored yet.
+    pub quarantined_chunks: u64,
+    /// Blobs whose recipes name a quarantined chunk: known damage, which
+    /// reads refuse (`Error::BlobBroken`) until the content is pushed again.
+    pub broken_blobs: Vec<Digest>,
 }
 
 impl VerifyReport {
+    /// No inconsistency and no damage that `Store::repair` has not dealt
+    /// with (broken blobs are reported apart: see [`Self::is_whole`]).
     pub fn is_clean(&self) -> bool {
         self.problems.is_empty()
+    }
+
+    /// Clean, and every blob reads back whole.
+    pub fn is_whole(&self) -> bool {
+        self.is_clean() && self.broken_blobs.is_empty()
     }
 }
 
@@ -157,13 +194,14 @@ fn verify(inner: &Arc<Inner>, progress: &mut dyn FnMut(Progress)) -> Result<Veri
         .iter()
         .fold(0u64, |a, (_, e)| a.saturating_add(e.size));
     let mut done = 0u64;
-    let mut recount: HashMap<ChunkId, u64> = HashMap::new();
+    let mut recount: HashMap<ChunkId, (u64, u32)> = HashMap::new();
+    let mut damaged: HashSet<ChunkId> = HashSet::new();
     for (digest, entry) in &blobs {
         rep.blobs += 1;
         if entry.refs == 0 {
             rep.unreferenced_blobs += 1;
         }
-        verify_blob(inner, digest, entry, &mut recount, &mut rep);
+        verify_blob(inner, digest, entry, &mut recount, &mut damaged, &mut rep);
         done = done.saturating_add(entry.size);
         progress(Progress {
             phase: "blobs",
@@ -182,8 +220,12 @@ fn verify(inner: &Arc<Inner>, progress: &mut dyn FnMut(Progress)) -> Result<Veri
             continue;
         };
         rep.chunks += 1;
-        live.insert((entry.loc.segment, entry.loc.offset));
-        let actual = recount.remove(&id).unwrap_or(0);
+        let actual = recount.remove(&id).map_or(0, |(n, _)| n);
+        if entry.is_quarantined() {
+            rep.quarantined_chunks += 1;
+        } else {
+            live.insert((entry.loc.segment, entry.loc.offset));
+        }
         if actual != entry.refs {
             rep.problems.push(Problem::RefcountMismatch {
                 chunk: id,
@@ -191,7 +233,7 @@ fn verify(inner: &Arc<Inner>, progress: &mut dyn FnMut(Progress)) -> Result<Veri
                 actual,
             });
         }
-        if actual == 0 {
+        if actual == 0 && !entry.is_quarantined() {
             // Not read through any blob above: check it on its own.
             rep.unreferenced_chunks += 1;
             rep.unreferenced_chunk_bytes += entry.loc.record_len();
@@ -210,12 +252,17 @@ fn verify(inner: &Arc<Inner>, progress: &mut dyn FnMut(Progress)) -> Result<Veri
             });
         }
     }
-    for (chunk, _) in recount {
-        rep.problems.push(Problem::IndexCorrupt {
-            detail: format!("chunk {chunk:?} is named by recipes but missing"),
+    for (chunk, (references, raw_len)) in recount {
+        rep.problems.push(Problem::ChunkMissing {
+            chunk,
+            references,
+            raw_len,
         });
     }
-    verify_segments(inner, &live, &mut rep, progress)?;
+    let mut journal = journal::JournalSeen::default();
+    verify_segments(inner, &live, &mut journal, &mut rep, progress)?;
+    rep.journal_records = journal.records;
+    journal.check(inner, &blobs, &mut rep)?;
     rep.pending_writes = index.scan(CF_PENDING)?.count() as u64;
     rep.staged_chunks = index.scan(CF_STAGED)?.count() as u64;
     Ok(rep)
@@ -225,12 +272,14 @@ fn verify_blob(
     inner: &Arc<Inner>,
     digest: &Digest,
     entry: &BlobEntry,
-    recount: &mut HashMap<ChunkId, u64>,
+    recount: &mut HashMap<ChunkId, (u64, u32)>,
+    damaged: &mut HashSet<ChunkId>,
     rep: &mut VerifyReport,
 ) {
     let mut size = 0u64;
     let mut chunks = 0u64;
     let mut dangling = false;
+    let mut broken = false;
     for part in recipe_parts(inner, entry) {
         let part = match part {
             Ok(p) => p,
@@ -253,15 +302,22 @@ fn verify_blob(
         for e in &part.entries {
             size = size.saturating_add(e.raw_len as u64);
             chunks += 1;
-            *recount.entry(e.chunk).or_insert(0) += 1;
-            if !dangling && matches!(inner.index.chunk(&e.chunk), Ok(None)) {
-                dangling = true;
-                rep.problems.push(Problem::DanglingChunk {
-                    digest: digest.clone(),
-                    chunk: e.chunk,
-                });
+            recount.entry(e.chunk).or_insert((0, e.raw_len)).0 += 1;
+            match inner.index.chunk(&e.chunk) {
+                Ok(None) if !dangling => {
+                    dangling = true;
+                    rep.problems.push(Problem::DanglingChunk {
+                        digest: digest.clone(),
+                        chunk: e.chunk,
+                    });
+                }
+                Ok(Some(c)) if c.is_quarantined() => broken = true,
+                _ => {}
             }
         }
+    }
+    if broken && !dangling {
+        rep.broken_blobs.push(digest.clone());
     }
     if size != entry.size || chunks != entry.chunk_count {
         rep.problems.push(Problem::BlobSizeMismatch {
@@ -271,7 +327,7 @@ fn verify_blob(
         });
         return;
     }
-    if dangling {
+    if dangling || broken {
         return;
     }
     let mut hasher = Hasher::new(digest.algorithm());
@@ -297,6 +353,9 @@ fn verify_blob(
                     digest: digest.clone(),
                     error: e.to_string(),
                 });
+                if e.is_corruption() {
+                    find_damaged_chunks(inner, entry, damaged, rep);
+                }
                 return;
             }
         }
@@ -313,9 +372,42 @@ fn verify_blob(
     }
 }
 
+/// Checks each distinct chunk of a blob that failed to read on its own and
+/// reports every damaged one (once, however many blobs share it), so that
+/// repair knows which chunks to quarantine.
+fn find_damaged_chunks(
+    inner: &Inner,
+    entry: &BlobEntry,
+    damaged: &mut HashSet<ChunkId>,
+    rep: &mut VerifyReport,
+) {
+    let mut seen: HashSet<ChunkId> = HashSet::new();
+    for part in recipe_parts(inner, entry).map_while(|p| p.ok()) {
+        for e in part.entries {
+            if !seen.insert(e.chunk) || damaged.contains(&e.chunk) {
+                continue;
+            }
+            let Ok(Some(c)) = inner.index.chunk(&e.chunk) else {
+                continue;
+            };
+            if c.is_quarantined() {
+                continue;
+            }
+            if let Err(err) = load_chunk(inner, &e.chunk, &c) {
+                damaged.insert(e.chunk);
+                rep.problems.push(Problem::ChunkCorrupt {
+                    chunk: e.chunk,
+                    error: err.to_string(),
+                });
+            }
+        }
+    }
+}
+
 fn verify_segments(
     inner: &Inner,
     live: &HashSet<(SegmentId, u32)>,
+    journal: &mut journal::JournalSeen,
     rep: &mut VerifyReport,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<()> {
@@ -325,12 +417,17 @@ fn verify_segments(
         rep.segments += 1;
         let file = inner.segments.file(id)?;
         let mut dead = (0u64, 0u64);
-        let scan = scan_segment(&*file, |off, h| {
-            if !live.contains(&(id, off as u32)) {
+        let mut journal_problems = VerifyReport::default();
+        let scan = scan_segment_records(&*file, |off, h, rec| {
+            if h.kind != KIND_CHUNK {
+                journal.add(inner, id, off, h, rec, &mut journal_problems);
+            } else if !live.contains(&(id, off as u32)) {
                 dead.0 += 1;
                 dead.1 += h.total_len();
             }
+            true
         });
+        rep.problems.append(&mut journal_problems.problems);
         let damaged = |detail: String| Problem::SegmentDamaged {
             segment: id,
             detail,
@@ -345,12 +442,9 @@ fn verify_segments(
                 }
                 let known = inner.index.segment(id)?;
                 match (&s.footer, known) {
-                    (Some(f), _) => {
-                        if let Some(why) = &s.stopped {
-                            rep.problems.push(damaged(why.clone()));
-                        } else if f.data_crc != s.data_crc || f.record_count != s.record_count {
-                            rep.problems
-                                .push(damaged("footer checksum or record count mismatch".into()));
+                    (Some(_), _) => {
+                        if let Some(why) = footer_mismatch(&s) {
+                            rep.problems.push(damaged(why));
                         }
                     }
                     (None, Some(k)) if k.sealed || s.data_end < k.durable_len => {
