@@ -2,6 +2,7 @@
 //! ./data on 127.0.0.1:5000), then a TOML file, then `ORLOP_*` environment
 //! variables, then command-line flags, each overriding the one before.
 
+use orlop_engine::StoreConfig;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,6 +59,11 @@ pub struct ServerConfig {
     pub scrub_interval_secs: u64,
     /// Bytes the scrub reads per second at most.
     pub scrub_bytes_per_sec_max: u64,
+    /// Size at which the engine seals a segment file (and so the unit
+    /// compaction frees). Applies to segments created from now on; sealed
+    /// ones keep the size they were written with. The engine's bounds
+    /// apply: at least 4 x (largest chunk + 1 KiB), at most 4 GiB - 1.
+    pub segment_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +90,7 @@ impl Default for ServerConfig {
             compact_bytes_per_sec_max: 64 << 20,
             scrub_interval_secs: 7 * 86_400,
             scrub_bytes_per_sec_max: 32 << 20,
+            segment_bytes: StoreConfig::new("").segment_bytes,
         }
     }
 }
@@ -177,6 +184,7 @@ impl ServerConfig {
             }
             "SCRUB_INTERVAL_SECS" => self.scrub_interval_secs = num(value).map_err(bad)?,
             "SCRUB_BYTES_PER_SEC_MAX" => self.scrub_bytes_per_sec_max = num(value).map_err(bad)?,
+            "SEGMENT_BYTES" => self.segment_bytes = num(value).map_err(bad)?,
             // Variables of other commands (ORLOP_LOG, ORLOP_STORE_KEY, ...).
             _ => {}
         }
@@ -229,6 +237,14 @@ impl ServerConfig {
                 "manifest_bytes_max is held in memory: at most 64 MiB".into(),
             ));
         }
+        // The engine's settings (segment_bytes) are checked by the engine,
+        // on the configuration the server would open the store with.
+        crate::serve::store_config(self)
+            .validate()
+            .map_err(|e| match e {
+                orlop_engine::Error::Config(m) => ConfigError::Invalid(m),
+                e => ConfigError::Invalid(e.to_string()),
+            })?;
         Ok(())
     }
 }
@@ -277,5 +293,40 @@ mod tests {
             ServerConfig::load(None, env),
             Err(ConfigError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn segment_bytes_reaches_the_engine_within_its_bounds() {
+        let load = |v: &str| {
+            ServerConfig::load(
+                None,
+                vec![("ORLOP_SEGMENT_BYTES".to_string(), v.to_string())],
+            )
+        };
+        // The default is the engine's.
+        let c = ServerConfig::load(None, vec![]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.segment_bytes, StoreConfig::new("").segment_bytes);
+        assert_eq!(c.segment_bytes, 256 << 20);
+        // An override reaches the store's configuration.
+        let c = load("2097152").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.segment_bytes, 2 << 20);
+        assert_eq!(crate::serve::store_config(&c).segment_bytes, 2 << 20);
+        // The engine's bounds: 4 x (largest chunk + 1 KiB) ..= u32::MAX.
+        let min = 4 * (orlop_engine::ChunkParams::default().max_bytes as u64 + 1024);
+        assert!(load(&min.to_string()).is_ok());
+        for bad in [0, min - 1, u32::MAX as u64 + 1] {
+            match load(&bad.to_string()) {
+                Err(ConfigError::Invalid(m)) => assert!(m.contains("segment_bytes"), "{m}"),
+                other => panic!("segment_bytes {bad} accepted: {other:?}"),
+            }
+        }
+        assert!(load(&(u32::MAX as u64).to_string()).is_ok());
+        assert!(matches!(load("2MiB"), Err(ConfigError::Env { .. })));
+        // And from a file.
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let f = dir.path().join("orlop.toml");
+        std::fs::write(&f, "segment_bytes = 4194304\n").unwrap_or_else(|e| panic!("{e}"));
+        let c = ServerConfig::load(Some(&f), vec![]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.segment_bytes, 4 << 20);
     }
 }

@@ -63,6 +63,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError 
 /// The engine configuration the server opens its store with.
 pub fn store_config(cfg: &ServerConfig) -> StoreConfig {
     let mut s = StoreConfig::new(&cfg.data);
+    s.segment_bytes = cfg.segment_bytes;
     if let Some(k) = &cfg.key_file {
         s.key = KeySource::File(k.clone());
     }
