@@ -248,6 +248,16 @@ impl Client {
         self.req("GET", path, &[], b"")
     }
 
+    /// The value of an unlabelled metric on `/metrics` (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let m = String::from_utf8_lossy(&self.get("/metrics").body).into_owned();
+        m.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Sends the pieces with chunked transfer encoding (no Content-Length).
     pub fn req_streamed(
         &self,

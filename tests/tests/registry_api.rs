@@ -1016,15 +1016,6 @@ fn access_log_lines_in_json() {
     assert_eq!(lines[1]["status"], 400);
 }
 
-fn metric(c: &Client, name: &str) -> f64 {
-    let m = String::from_utf8_lossy(&c.get("/metrics").body).into_owned();
-    m.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-}
-
 /// The server collects on its own: a deleted image's unshared layers (their
 /// links, then the blobs), its manifest, and a deleted blob; it keeps what
 /// another manifest names and an unused blob that clients keep asking for;
@@ -1070,11 +1061,11 @@ fn online_gc_collects_deleted_content() {
     let head = |d: &str| c.req("HEAD", &format!("/v2/gc/blobs/{d}"), &[], b"").status;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     // a's manifest, a's config, a's own layer, the loose blob.
-    while metric(&c, "orlop_gc_blobs_freed_total") < 4.0 || head(&a_only) != 404 {
+    while c.metric("orlop_gc_blobs_freed_total") < 4.0 || head(&a_only) != 404 {
         assert!(
             std::time::Instant::now() < deadline,
             "the deleted image and blob were not collected: {} freed",
-            metric(&c, "orlop_gc_blobs_freed_total")
+            c.metric("orlop_gc_blobs_freed_total")
         );
         assert_eq!(
             head(&wanted),
@@ -1083,9 +1074,9 @@ fn online_gc_collects_deleted_content() {
         );
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    assert!(metric(&c, "orlop_gc_links_removed_total") >= 2.0);
-    assert!(metric(&c, "orlop_gc_freed_bytes_total") >= 350_000.0);
-    assert_eq!(metric(&c, "orlop_gc_failures_total"), 0.0);
+    assert!(c.metric("orlop_gc_links_removed_total") >= 2.0);
+    assert!(c.metric("orlop_gc_freed_bytes_total") >= 350_000.0);
+    assert_eq!(c.metric("orlop_gc_failures_total"), 0.0);
     assert_eq!(head(&loose_digest), 404);
     assert_eq!(head(&wanted), 200);
     // b still pulls byte for byte, with the layer it shared with a.
@@ -1146,15 +1137,15 @@ fn online_gc_expires_untagged_manifests() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     // Watched through metrics: a GET of the layer would renew its link.
     // Freed: the untagged manifest, its config and its layer.
-    while metric(&c, "orlop_gc_blobs_freed_total") < 3.0 {
+    while c.metric("orlop_gc_blobs_freed_total") < 3.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the untagged image was not collected"
         );
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    assert!(metric(&c, "orlop_gc_untagged_manifests_deleted_total") >= 1.0);
-    assert!(metric(&c, "orlop_gc_links_removed_total") >= 2.0);
+    assert!(c.metric("orlop_gc_untagged_manifests_deleted_total") >= 1.0);
+    assert!(c.metric("orlop_gc_links_removed_total") >= 2.0);
     assert_eq!(
         status(format!("/v2/u/manifests/{}", untagged.digest())),
         404
