@@ -91,11 +91,16 @@ pub fn rebuild_index(
     let sub = key.subkeys();
     let mut rep = RebuildReport::default();
     let found = scan_all(cfg, &key, &sub.naming, &mut rep, progress)?;
-    let Some(store_id) = found.store_id else {
-        return Err(Error::Config(format!(
-            "no segments under {}: nothing to rebuild from",
-            dir.join("segments").display()
-        )));
+    // No segment at all: the store held nothing (compaction may have
+    // emptied every segment), and an empty index under a new id is it.
+    let store_id = match found.store_id {
+        Some(id) => id,
+        None => {
+            let mut id = [0u8; 16];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+                .map_err(|_| Error::Config("system random generator failed".into()))?;
+            id
+        }
     };
     if found.authentic == 0 && rep.records_damaged > 0 {
         // Not one journal record authenticates: the key is not this store's.

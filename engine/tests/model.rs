@@ -1,11 +1,12 @@
 //! Property test: the store against a BTreeMap model, with reboots, crashes
-//! that lose unsynced segment data, and injected fsync failures.
+//! that lose unsynced segment data, injected fsync failures, garbage
+//! collection, compaction, and rebuilds of the index from the segments.
 
 mod common;
 
 use common::*;
 use orlop_engine::io::{FaultConfig, FaultIo};
-use orlop_engine::{CompactOptions, Digest, Error, GcOptions, Store, StoreConfig};
+use orlop_engine::{rebuild_index, CompactOptions, Digest, Error, GcOptions, Store, StoreConfig};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 
@@ -26,6 +27,9 @@ enum Op {
     /// Compaction of every sealed segment whose live fraction is at most
     /// this many tenths (10: all of them).
     Compact(u8),
+    /// The index deleted and rebuilt from the segments; the model's counts
+    /// are then taken again (as the registry does from its rows).
+    Rebuild,
 }
 
 fn blob_of(parts: &[(u8, u16)], tail: u16) -> Vec<u8> {
@@ -59,12 +63,17 @@ fn op() -> impl Strategy<Value = Op> {
         1 => parts().prop_map(Op::FailNextSync),
         2 => any::<bool>().prop_map(Op::Gc),
         2 => (0u8..=10).prop_map(Op::Compact),
+        1 => Just(Op::Rebuild),
     ]
 }
 
 struct Model {
     blobs: BTreeMap<Digest, (Vec<u8>, u64)>,
     poisoned: bool,
+    /// Blobs collected, or written but not acknowledged: a rebuild may find
+    /// them again (their records outlive them until compaction), never
+    /// anything else.
+    may_return: BTreeMap<Digest, Vec<u8>>,
 }
 
 impl Model {
@@ -101,6 +110,7 @@ fn run(ops: Vec<Op>, seed: u64) {
     let mut m = Model {
         blobs: BTreeMap::new(),
         poisoned: false,
+        may_return: BTreeMap::new(),
     };
     for op in ops {
         let s = store.as_ref().unwrap_or_else(|| panic!("store"));
@@ -204,7 +214,9 @@ fn run(ops: Vec<Op>, seed: u64) {
                     assert_eq!(r.bytes_freed, bytes);
                     if !dry_run {
                         for d in &garbage {
-                            m.blobs.remove(d);
+                            if let Some((data, _)) = m.blobs.remove(d) {
+                                m.may_return.insert(d.clone(), data);
+                            }
                             assert!(s.stat(d).unwrap_or_else(|e| panic!("{e}")).is_none());
                         }
                     }
@@ -234,6 +246,35 @@ fn run(ops: Vec<Op>, seed: u64) {
                 check_all(&s, &m);
                 store = Some(s);
             }
+            Op::Rebuild => {
+                let s = store.take().unwrap_or_else(|| panic!("store"));
+                let _ = s.close();
+                std::fs::remove_dir_all(dir.path().join("index")).unwrap_or_else(|e| panic!("{e}"));
+                let rep =
+                    rebuild_index(&cfg, &mut |_| {}).unwrap_or_else(|e| panic!("rebuild: {e}"));
+                let s = open(&cfg);
+                m.poisoned = false;
+                let mut found = Vec::new();
+                s.for_each_blob(|b| {
+                    found.push(b.digest);
+                    Ok(())
+                })
+                .unwrap_or_else(|e| panic!("{e}"));
+                for d in found {
+                    if !m.blobs.contains_key(&d) {
+                        let data = m.may_return.get(&d).cloned();
+                        let data = data.unwrap_or_else(|| panic!("rebuild made up {d}: {rep:?}"));
+                        m.blobs.insert(d, (data, 0));
+                    }
+                }
+                for (d, (_, refs)) in &m.blobs {
+                    for _ in 0..*refs {
+                        s.add_ref(d).unwrap_or_else(|e| panic!("{e}"));
+                    }
+                }
+                check_all(&s, &m);
+                store = Some(s);
+            }
             Op::Crash => {
                 store.take().unwrap_or_else(|| panic!("store")).abandon();
                 io.crash().unwrap_or_else(|e| panic!("crash: {e}"));
@@ -260,6 +301,7 @@ fn run(ops: Vec<Op>, seed: u64) {
                     Err(_) => {
                         if !m.blobs.contains_key(&d) {
                             assert!(s.stat(&d).unwrap_or_else(|e| panic!("{e}")).is_none());
+                            m.may_return.insert(d.clone(), data.clone());
                         }
                         m.poisoned = true;
                         assert!(matches!(s.put(b"after", None), Err(Error::Poisoned)));
