@@ -119,16 +119,9 @@ impl Overlay {
     }
 }
 
-pub(crate) fn run(inner: Arc<Inner>, rx: Receiver<Request>) {
+pub(crate) fn run(inner: Arc<Inner>, rx: Receiver<Request>, mut next_seq: u64) {
     let max = inner.cfg.group_commit_requests_max;
-    // Transaction numbers: a new epoch for each open (see `VoidRecord`).
-    let mut seqs = match inner.index.meta_u64(META_NEXT_TXN_SEQ) {
-        Ok(next) => Seqs::new(next),
-        Err(e) => {
-            inner.segments.poison(&e);
-            Seqs::new(None)
-        }
-    };
+
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < max {
@@ -138,7 +131,7 @@ pub(crate) fn run(inner: Arc<Inner>, rx: Receiver<Request>) {
             }
         }
         let stop = group.iter().any(|r| matches!(r, Request::Shutdown));
-        process(&inner, group, &mut seqs);
+        process(&inner, group, &mut next_seq);
         if stop {
             break;
         }
@@ -165,7 +158,7 @@ pub(crate) fn delete_staging(
     Ok(())
 }
 
-fn process(inner: &Inner, group: Vec<Request>, seqs: &mut Seqs) {
+fn process(inner: &Inner, group: Vec<Request>, next_seq: &mut u64) {
     let index = &*inner.index;
     let observer = inner.cfg.observer.as_deref();
     if let Some(o) = observer {
@@ -268,7 +261,7 @@ fn process(inner: &Inner, group: Vec<Request>, seqs: &mut Seqs) {
     // whose change the index does not show yet.
     let journal_guard = inner.journal_lock.lock().unwrap_or_else(|p| p.into_inner());
     let blob_records = std::mem::take(&mut ov.journal);
-    let durable = append_journal(inner, blob_records, journal, seqs, &mut batch);
+    let durable = append_journal(inner, blob_records, journal, next_seq, &mut batch);
     let durable = durable.and_then(|appended| {
         if !(needs_sync || appended) {
             return Ok(None);
@@ -341,7 +334,7 @@ fn append_journal(
     inner: &Inner,
     blob_records: Vec<(u8, Vec<u8>)>,
     journal: Vec<Vec<KvChange>>,
-    seqs: &mut Seqs,
+    next_seq: &mut u64,
     batch: &mut WriteBatch,
 ) -> Result<bool> {
     for (kind, payload) in &blob_records {
@@ -350,15 +343,9 @@ fn append_journal(
     if journal.is_empty() {
         return Ok(!blob_records.is_empty());
     }
-    if let Some(v) = seqs.void {
-        inner.append_meta(KIND_VOID, &v.encode())?;
-        // Once in the log it stays (a failed write poisons the store, and
-        // the next open voids the same numbers again).
-        seqs.void = None;
-    }
     for changes in journal {
-        let seq = seqs.next;
-        seqs.next += 1;
+        let seq = *next_seq;
+        *next_seq += 1;
         let max = inner.cfg.journal_record_bytes_max();
         for rec in TxnRecord::split(seq, changes, max)? {
             inner.append_meta(KIND_TXN, &rec.encode())?;
@@ -367,28 +354,31 @@ fn append_journal(
     batch.put_cf(
         inner.index.cf(CF_META)?,
         META_NEXT_TXN_SEQ,
-        seqs.next.to_le_bytes(),
+        next_seq.to_le_bytes(),
     );
     Ok(true)
 }
 
-/// The committer's transaction numbering: the next number, and the void
-/// record the epoch's first journal write carries.
-pub(crate) struct Seqs {
-    next: u64,
-    void: Option<VoidRecord>,
-}
-
-impl Seqs {
-    /// From the index's next number (`None`: no transaction yet).
-    fn new(index_next: Option<u64>) -> Self {
-        let from = index_next.unwrap_or(0);
-        let next = VoidRecord::next_epoch(from);
-        Seqs {
-            next,
-            void: index_next.map(|from| VoidRecord { from, to: next }),
-        }
+/// Starts a new epoch of transaction numbers at a writable open (see
+/// `VoidRecord`): voids, durably, whatever the last epoch journaled past
+/// the index's next number, then records the new epoch's first number.
+/// Returns it.
+pub(crate) fn start_epoch(inner: &Inner) -> Result<u64> {
+    let index_next = inner.index.meta_u64(META_NEXT_TXN_SEQ)?;
+    let next = VoidRecord::next_epoch(index_next.unwrap_or(0));
+    // With no number recorded, no transaction was ever journaled.
+    if let Some(from) = index_next {
+        inner.append_meta(KIND_VOID, &VoidRecord { from, to: next }.encode())?;
+        inner.segments.sync_active()?;
     }
+    let mut b = WriteBatch::default();
+    b.put_cf(
+        inner.index.cf(CF_META)?,
+        META_NEXT_TXN_SEQ,
+        next.to_le_bytes(),
+    );
+    inner.index.write_synced(b)?;
+    Ok(next)
 }
 
 fn finish_batch(
@@ -451,26 +441,42 @@ fn commit_blob(
 ) -> Result<BlobEntry> {
     let index = &*inner.index;
     ov.finished_recipes.insert(recipe);
+    // A broken blob written again whose stored recipe still names a
+    // quarantined chunk: it takes this write's recipe instead (below).
+    let mut replaced: Option<(BlobEntry, HashMap<ChunkId, ChunkEntry>)> = None;
     if let Some(mut existing) = ov.blob(index, digest)? {
         // Already stored: this write's recipe is redundant, but the copies
         // it made of quarantined chunks restore the stored blob.
         restore_quarantined(inner, ov, recipe)?;
-        if index.broken(digest)?
-            && crate::read::count_quarantined(inner, &existing, |id| ov.chunk(index, id))? == 0
-        {
-            batch.delete_cf(index.cf(CF_BROKEN)?, digest.to_key());
+        let marked = index.broken(digest)?;
+        let still_broken = marked
+            && crate::read::count_quarantined(inner, &existing, |id| ov.chunk(index, id))? > 0;
+        if still_broken {
+            // Chunked differently (an upload's checkpoints force cuts):
+            // release the damaged recipe's chunks; this write holds every byte.
+            let released =
+                crate::gc::release(index, digest, &existing, &mut |id| ov.chunk(index, id))?;
+            replaced = Some((existing, released));
+        } else {
+            if marked {
+                batch.delete_cf(index.cf(CF_BROKEN)?, digest.to_key());
+            }
+            delete_staging(batch, index, recipe, false)?;
+            // Written again: garbage collection's grace period counts from now
+            // (a layer above may be about to take its first reference, while
+            // the references the blob has now may be dropped meanwhile).
+            if created_unix_ms > existing.created_unix_ms {
+                existing.created_unix_ms = created_unix_ms;
+                ov.blobs.insert(digest.clone(), Some(existing));
+            }
+            return Ok(existing);
         }
-        delete_staging(batch, index, recipe, false)?;
-        // Written again: garbage collection's grace period counts from now
-        // (a layer above may be about to take its first reference, while
-        // the references the blob has now may be dropped meanwhile).
-        if created_unix_ms > existing.created_unix_ms {
-            existing.created_unix_ms = created_unix_ms;
-            ov.blobs.insert(digest.clone(), Some(existing));
-        }
-        return Ok(existing);
     }
-    let mut local: HashMap<ChunkId, ChunkEntry> = HashMap::new();
+    // Chunk counts as the released damaged recipe (if any) leaves them.
+    let mut local: HashMap<ChunkId, ChunkEntry> = replaced
+        .as_ref()
+        .map(|(_, released)| released.clone())
+        .unwrap_or_default();
     let mut inserted = Vec::new();
     let (mut entries, mut bytes) = (0u64, 0u64);
     let prefix = recipe_prefix(recipe);
@@ -543,9 +549,15 @@ fn commit_blob(
         size,
         recipe,
         chunk_count,
-        refs: 0,
+        // A replaced blob keeps the references layers above hold on it.
+        refs: replaced.as_ref().map_or(0, |(old, _)| old.refs),
         created_unix_ms,
     };
+    if let Some((old, _)) = &replaced {
+        let (from, to) = recipe_range(old.recipe);
+        batch.delete_range_cf(index.cf(CF_RECIPES)?, from, to);
+        batch.delete_cf(index.cf(CF_BROKEN)?, digest.to_key());
+    }
     let blob = BlobRecord {
         digest: digest.clone(),
         size,
@@ -556,7 +568,7 @@ fn commit_blob(
     };
     journal.push((KIND_BLOB, blob.encode()));
     ov.journal.extend(journal);
-    ov.chunks.extend(local);
+    crate::repair::settle(ov, local);
     ov.inserted.extend(inserted);
     ov.blobs.insert(digest.clone(), Some(entry));
     delete_staging(batch, index, recipe, true)?;

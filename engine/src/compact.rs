@@ -289,15 +289,23 @@ fn choose(inner: &Inner, opts: &CompactOptions, rep: &mut CompactReport) -> Resu
             None => continue,
         };
         let data_bytes = data_end.saturating_sub(HEADER_BYTES);
-        let live_bytes = live.get(&id).copied().unwrap_or(0);
-        let fraction = if data_bytes == 0 {
-            0.0
-        } else {
-            live_bytes as f64 / data_bytes as f64
+        let mut live_bytes = live.get(&id).copied().unwrap_or(0);
+        let fraction = |live: u64| {
+            if data_bytes == 0 {
+                0.0
+            } else {
+                live as f64 / data_bytes as f64
+            }
         };
         let wanted = match &opts.only {
             Some(only) => only.contains(&id),
-            None => fraction <= opts.live_fraction_max,
+            // Journal records that still describe the index are live too
+            // (else a segment of them would be copied again every run).
+            None if fraction(live_bytes) <= opts.live_fraction_max => {
+                live_bytes += live_journal_bytes(inner, id)?;
+                fraction(live_bytes) <= opts.live_fraction_max
+            }
+            None => false,
         };
         if wanted {
             out.push(Candidate {
@@ -314,6 +322,40 @@ fn choose(inner: &Inner, opts: &CompactOptions, rep: &mut CompactReport) -> Resu
     });
     out.truncate(opts.segments_max);
     Ok(out)
+}
+
+/// Bytes of a segment's journal records that still describe the index
+/// (found by walking the record headers; only journal records are read).
+fn live_journal_bytes(inner: &Inner, seg: SegmentId) -> Result<u64> {
+    let file = inner.segments.file(seg)?;
+    let mut journal = Vec::new();
+    crate::segment::walk_headers(&*file, |off, h| {
+        if h.kind != KIND_CHUNK {
+            journal.push(Location {
+                segment: seg,
+                offset: off as u32,
+                payload_len: h.payload_len,
+                raw_len: h.raw_len,
+                flags: h.flags,
+            });
+        }
+    })
+    .map_err(|e| Error::io(inner.segments.path_of(seg), e))?;
+    let mut bytes = 0u64;
+    for loc in journal {
+        // A record that does not read is not live (the copy skips it too).
+        let Ok(record) = inner.segments.read_record(&loc) else {
+            continue;
+        };
+        let Ok((h, plain)) = crate::read::open_any(inner, &loc, record) else {
+            continue;
+        };
+        let _g = inner.journal_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if crate::journal::is_live(inner, h.kind, &plain)? {
+            bytes += loc.record_len();
+        }
+    }
+    Ok(bytes)
 }
 
 /// Waits until no live writer started before `generation`; false when the

@@ -68,6 +68,12 @@ pub enum Error {
     Config(String),
     #[error("no held write {0}")]
     HeldWriteUnknown(u64),
+    #[error("a change of {bytes} bytes to {cf} is larger than a journal record ({max} bytes)")]
+    ChangeTooLarge {
+        cf: String,
+        bytes: usize,
+        max: usize,
+    },
     #[error("transaction precondition failed on {cf}/{key}")]
     Conflict { cf: String, key: String },
     #[error("unknown column family {0:?}")]

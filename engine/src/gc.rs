@@ -248,7 +248,7 @@ fn count_released(out: &mut CollectOutcome, changed: &HashMap<ChunkId, ChunkEntr
 /// blob, starting from the counts `current` gives; an error (a missing
 /// chunk, a count that would go below zero, a damaged recipe) changes
 /// nothing.
-fn release(
+pub(crate) fn release(
     index: &Index,
     d: &Digest,
     e: &BlobEntry,
@@ -312,7 +312,7 @@ pub(crate) fn collect(
             }
         };
         count_released(&mut out, &changed);
-        ov.chunks.extend(changed);
+        crate::repair::settle(ov, changed);
         let (from, to) = recipe_range(e.recipe);
         batch.delete_range_cf(recipes, from, to);
         ov.blobs.insert(d.clone(), None);

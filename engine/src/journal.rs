@@ -121,11 +121,13 @@ impl BlobRecord {
 
 /// Transaction numbers `from..to` that were never applied. The committer
 /// numbers transactions in *epochs*: each writable open starts a new one
-/// (the number's high 32 bits), so a transaction journaled just before a
-/// crash or a failed index write (its record is in the log, its change
-/// never reached the index) is never numbered again; the first journal
-/// write of an epoch voids what the last epoch may have left that way, from
-/// the index's next number to the new epoch's first.
+/// (the number's high 32 bits). At open, before any transaction, a void
+/// record from the index's next number to the new epoch's first is made
+/// durable, then the new epoch's first number is recorded in the index: a
+/// transaction journaled just before a crash or a failed index write (its
+/// record is in the log, its change never reached the index) is voided and
+/// its number never used again. Within an epoch the index's next number
+/// marks where the unapplied ones begin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct VoidRecord {
     pub from: u64,
@@ -190,22 +192,23 @@ impl Replay {
         t.max(v)
     }
 
-    /// Every applied, complete transaction's changes in order; and how many
-    /// were skipped for a missing part.
+    /// The changes of every transaction that was applied (not voided), in
+    /// order; the transactions replayed, and how many of them had parts
+    /// that compaction dropped (their changes were all overwritten later,
+    /// so the parts that remain are replayed alone).
     pub fn changes(&self) -> (Vec<&KvChange>, u64, u64) {
-        let (mut out, mut applied, mut incomplete) = (Vec::new(), 0u64, 0u64);
+        let (mut out, mut applied, mut partial) = (Vec::new(), 0u64, 0u64);
         for (seq, parts) in &self.txns {
             if self.voids.iter().any(|v| (v.from..v.to).contains(seq)) {
                 continue;
             }
             if parts.iter().any(Option::is_none) {
-                incomplete += 1;
-                continue;
+                partial += 1;
             }
             applied += 1;
             out.extend(parts.iter().flatten().flatten());
         }
-        (out, applied, incomplete)
+        (out, applied, partial)
     }
 }
 

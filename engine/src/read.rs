@@ -126,7 +126,12 @@ pub(crate) fn fetch_staged_or_stored(
     recipe: crate::ids::RecipeId,
     e: &RecipeEntry,
 ) -> Result<Bytes> {
-    if inner.index.chunk(&e.chunk)?.is_some() {
+    // A quarantined chunk is read from the write's own staged copy.
+    if inner
+        .index
+        .chunk(&e.chunk)?
+        .is_some_and(|c| !c.is_quarantined())
+    {
         return fetch_chunk(inner, e);
     }
     let staged = inner

@@ -56,6 +56,9 @@ pub struct RebuildReport {
     pub rows: u64,
     /// Journal records that failed authentication or decoding.
     pub records_damaged: u64,
+    /// The segments hold chunks but no journal (a store written before the
+    /// journal existed): the rebuilt index has no blob in it.
+    pub journal_missing: bool,
     pub elapsed: Duration,
 }
 
@@ -70,6 +73,9 @@ struct Found {
     blobs: HashMap<Digest, Vec<BlobRecord>>,
     replay: Replay,
     authentic: u64,
+    /// A chunk record authenticated (or failed to) under the key.
+    chunk_key_ok: bool,
+    chunk_key_failed: bool,
 }
 
 /// Rebuilds the index of the store `cfg` names from its segments. The
@@ -102,10 +108,14 @@ pub fn rebuild_index(
             id
         }
     };
-    if found.authentic == 0 && rep.records_damaged > 0 {
-        // Not one journal record authenticates: the key is not this store's.
+    if found.authentic == 0
+        && !found.chunk_key_ok
+        && (rep.records_damaged > 0 || found.chunk_key_failed)
+    {
+        // Not one record authenticates: the key is not this store's.
         return Err(Error::WrongKey);
     }
+    rep.journal_missing = found.authentic == 0 && !found.chunks.is_empty();
     std::fs::create_dir_all(&index_dir).map_err(|e| Error::io(&index_dir, e))?;
     let index = Index::open(&index_dir, false, &cfg.extra_column_families)?;
     let mut w = Writer {
@@ -122,7 +132,15 @@ pub fn rebuild_index(
         };
         w.put(CF_SEGMENTS, &id.0.to_be_bytes(), &e.encode())?;
     }
-    let next_recipe = found.parts.keys().map(|(r, _)| r.0).max().unwrap_or(0) + 1;
+    // Past every recipe the journal names (an empty blob's has no parts).
+    let next_recipe = found
+        .parts
+        .keys()
+        .map(|(r, _)| r.0)
+        .chain(found.blobs.values().flatten().map(|b| b.recipe.0))
+        .max()
+        .unwrap_or(0)
+        .saturating_add(1);
     // Past every number the log holds (the next open starts a new epoch).
     let next_seq = found.replay.max_seq() + 1;
     w.put(CF_META, META_NEXT_RECIPE, &next_recipe.to_le_bytes())?;
@@ -130,7 +148,7 @@ pub fn rebuild_index(
     w.put(
         CF_META,
         META_NEXT_SEGMENT,
-        &(found.max_segment + 1).to_le_bytes(),
+        &found.max_segment.saturating_add(1).to_le_bytes(),
     )?;
     w.put(CF_META, META_STORE_ID, &store_id)?;
     w.put(CF_META, META_KEY_CHECK, &sub.check)?;
@@ -163,7 +181,6 @@ fn scan_all(
     let mut cipher: Option<ChunkCipher> = None;
     let total = ids.len() as u64;
     for (n, id) in ids.into_iter().enumerate() {
-        found.max_segment = found.max_segment.max(id.0);
         let path = seg_dir.join(id.file_name());
         let file = PreadIo
             .open(&path, OpenMode::ReadOnly)
@@ -181,6 +198,7 @@ fn scan_all(
         };
         let store_id = header.store_id;
         found.store_id = Some(store_id);
+        found.max_segment = found.max_segment.max(id.0);
         let cipher = cipher.get_or_insert_with(|| ChunkCipher::new(&key.encryption_key(&store_id)));
         rep.segments += 1;
         let scan = scan_segment_records(&*file, |off, h, rec| {
@@ -193,6 +211,14 @@ fn scan_all(
                 flags: h.flags,
             };
             if h.kind == KIND_CHUNK {
+                // The key is checked on chunks too, while no journal record
+                // has authenticated yet (a store without a journal).
+                if found.authentic == 0 && !found.chunk_key_ok && found.chunks.len() < 4 {
+                    match open_with(cipher, naming, &loc, rec) {
+                        Ok(_) => found.chunk_key_ok = true,
+                        Err(_) => found.chunk_key_failed = true,
+                    }
+                }
                 found.chunks.entry(h.chunk).or_insert(loc);
                 return true;
             }

@@ -18,7 +18,10 @@
 //!   column family), so a read fails at once with `Error::BlobBroken` rather
 //!   than partway through; marks of blobs restored since are cleared.
 //!
-//! All changes go through the committer in one synced batch.
+//! The quarantine, the counts and the marks go through the committer in
+//! one synced batch; then damaged segments are rewritten by compaction
+//! (without their damaged records) and the journal records damage took are
+//! written again.
 
 use crate::commit::{Overlay, Request};
 use crate::compact::CompactOptions;
@@ -26,7 +29,7 @@ use crate::error::Result;
 use crate::ids::{ChunkId, Digest, SegmentId};
 use crate::index::codec::{BlobEntry, ChunkEntry};
 use crate::index::{Index, CF_BLOBS, CF_BROKEN};
-use crate::read::{count_quarantined, quarantined_chunks};
+use crate::read::count_quarantined;
 use crate::store::{now_unix_ms, Inner, Store};
 use crate::txn::Txn;
 use crate::verify::{Problem, Progress, VerifyReport};
@@ -80,6 +83,20 @@ pub struct RepairReport {
     pub unrepaired: Vec<Problem>,
     pub dry_run: bool,
     pub elapsed: Duration,
+}
+
+/// Writes changed chunk entries into the group's overlay; a quarantined
+/// entry left without references is deleted (no recipe names it, and a
+/// writer never deduplicates against it, so nothing will).
+pub(crate) fn settle(ov: &mut Overlay, changed: impl IntoIterator<Item = (ChunkId, ChunkEntry)>) {
+    for (id, c) in changed {
+        if c.is_quarantined() && c.refs == 0 {
+            ov.chunks.remove(&id);
+            ov.removed_chunks.insert(id);
+        } else {
+            ov.chunks.insert(id, c);
+        }
+    }
 }
 
 /// The committer's half: chunk entries to write or delete, broken marks to
@@ -209,28 +226,16 @@ impl Store {
                 plan.insert(*chunk, Some(e));
             }
         }
-        if !dry_run && !plan.is_empty() {
-            let chunks = plan.iter().map(|(k, v)| (*k, *v)).collect();
-            inner.request(|reply| Request::Repair {
-                plan: RepairPlan {
-                    chunks,
-                    broken: Vec::new(),
-                },
-                reply,
-            })?;
-        }
-        // Broken marks follow the chunks' state after the change.
+        // Broken marks follow the chunks' state after the change, which is
+        // applied with them in one batch: no quarantined chunk goes
+        // without its blobs' marks.
         let mut marks = Vec::new();
         for kv in inner.index.scan(CF_BLOBS)? {
             let (k, v) = kv?;
             let (Ok(d), Ok(b)) = (Digest::from_key(&k), BlobEntry::decode(&v)) else {
                 continue;
             };
-            let n = if dry_run {
-                would_be_broken(inner, &b, &plan)?
-            } else {
-                quarantined_chunks(inner, &b)?
-            };
+            let n = would_be_broken(inner, &b, &plan)?;
             let marked = inner.index.broken(&d)?;
             if n > 0 {
                 rep.broken.push(BrokenBlob {
@@ -243,10 +248,11 @@ impl Store {
                 marks.push((d, None));
             }
         }
-        if !dry_run && !marks.is_empty() {
+        if !dry_run && !(plan.is_empty() && marks.is_empty()) {
+            let chunks = plan.iter().map(|(k, v)| (*k, *v)).collect();
             inner.request(|reply| Request::Repair {
                 plan: RepairPlan {
-                    chunks: Vec::new(),
+                    chunks,
                     broken: marks,
                 },
                 reply,
@@ -330,7 +336,7 @@ impl Store {
 /// Blobs or rows journaled again per committer request.
 const REJOURNAL_BATCH: usize = 1024;
 
-/// A dry run's view of `quarantined_chunks`: the plan applied in memory.
+/// `quarantined_chunks` with the plan applied in memory.
 fn would_be_broken(
     inner: &Inner,
     b: &BlobEntry,

@@ -263,11 +263,12 @@ impl Store {
         let committer = if inner.cfg.read_only {
             None
         } else {
+            let next_seq = commit::start_epoch(&inner)?;
             let i2 = inner.clone();
             Some(
                 std::thread::Builder::new()
                     .name("orlop-commit".into())
-                    .spawn(move || commit::run(i2, rx))
+                    .spawn(move || commit::run(i2, rx, next_seq))
                     .map_err(|e| Error::io("committer thread", e))?,
             )
         };
@@ -460,10 +461,11 @@ impl Store {
         for op in &txn.ops {
             let n = crate::journal::change_bytes(&op.cf, &op.key, op.value.as_deref());
             if n > max {
-                return Err(Error::Config(format!(
-                    "a change of {n} bytes to {} is larger than a journal record ({max} bytes)",
-                    op.cf
-                )));
+                return Err(Error::ChangeTooLarge {
+                    cf: op.cf.clone(),
+                    bytes: n,
+                    max,
+                });
             }
         }
         self.inner.request(|reply| Request::Txn { txn, reply })

@@ -158,3 +158,114 @@ fn rebuild_refuses_an_existing_index_and_a_wrong_key() {
     let rep = rebuild_index(&cfg, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(rep.blobs, 1);
 }
+
+/// A transaction journaled but never applied (its segment fsync failed)
+/// is voided: verify stays clean after the reopen, its number is not used
+/// again, and a rebuild does not apply it.
+#[test]
+fn an_unapplied_transaction_is_voided() {
+    use orlop_engine::io::{FaultConfig, FaultIo};
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let io = FaultIo::new(3, FaultConfig::default());
+    let mut cfg = fault_config(dir.path(), &io);
+    cfg.extra_column_families = vec![CF.to_string()];
+    let s = open(&cfg);
+    s.kv_write(CF, vec![(b"a".to_vec(), Some(b"1".to_vec()))])
+        .unwrap_or_else(|e| panic!("{e}"));
+    io.set_config(FaultConfig {
+        sync_eio_ppm: 1_000_000,
+        ..FaultConfig::default()
+    });
+    let failed = s.kv_write(CF, vec![(b"b".to_vec(), Some(b"lost".to_vec()))]);
+    assert!(failed.is_err(), "{failed:?}");
+    io.set_config(FaultConfig::default());
+    s.abandon();
+    let s = open(&cfg);
+    assert_clean(&s);
+    s.kv_write(CF, vec![(b"c".to_vec(), Some(b"3".to_vec()))])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_clean(&s);
+    let want: BTreeMap<Vec<u8>, Vec<u8>> = [
+        (b"a".to_vec(), b"1".to_vec()),
+        (b"c".to_vec(), b"3".to_vec()),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(rows(&s), want);
+    s.close().unwrap_or_else(|e| panic!("{e}"));
+    rebuild(&cfg);
+    let s = open(&cfg);
+    assert_eq!(rows(&s), want, "the failed transaction is not replayed");
+    assert_clean(&s);
+    s.close().unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A transaction split across journal records, one part of which
+/// compaction drops (all its changes overwritten later): the part that is
+/// still current replays alone.
+#[test]
+fn a_partly_compacted_transaction_still_replays() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let cfg = config(dir.path());
+    let s = open(&cfg);
+    let mut t = Txn::new();
+    t.put(CF, b"head".to_vec(), b"kept".to_vec());
+    for i in 0..30u32 {
+        t.put(
+            CF,
+            format!("tail/{i:02}").into_bytes(),
+            noise(u64::from(i), 4_000),
+        );
+    }
+    s.apply(t).unwrap_or_else(|e| panic!("{e}"));
+    // Every tail row rewritten: the parts holding only tail rows are dead.
+    for i in 0..30u32 {
+        s.kv_write(
+            CF,
+            vec![(format!("tail/{i:02}").into_bytes(), Some(b"new".to_vec()))],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Fill segments so that the transaction's records are in sealed ones.
+    for i in 0..8u64 {
+        s.put(&noise(500 + i, 30_000), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let c = s
+        .compact(
+            &CompactOptions {
+                live_fraction_max: 1.0,
+                ..CompactOptions::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.segments_removed > 0, "{c:?}");
+    assert_clean(&s);
+    let want = rows(&s);
+    assert_eq!(want.get(&b"head".to_vec()), Some(&b"kept".to_vec()));
+    s.close().unwrap_or_else(|e| panic!("{e}"));
+    let rep = rebuild(&cfg);
+    let s = open(&cfg);
+    assert_eq!(rows(&s), want, "{rep:?}");
+    assert_clean(&s);
+    s.close().unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Regression (model test): an empty blob has no recipe parts, and a
+/// rebuild must still number new recipes past its recipe.
+#[test]
+fn rebuild_numbers_recipes_past_an_empty_blob() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let cfg = config(dir.path());
+    let s = open(&cfg);
+    let empty = s.put(b"", None).unwrap_or_else(|e| panic!("{e}")).digest;
+    s.close().unwrap_or_else(|e| panic!("{e}"));
+    rebuild(&cfg);
+    let s = open(&cfg);
+    let one = s.put(b"x", None).unwrap_or_else(|e| panic!("{e}")).digest;
+    assert_eq!(s.get(&empty).unwrap_or_else(|e| panic!("{e}")), b"");
+    assert_eq!(s.get(&one).unwrap_or_else(|e| panic!("{e}")), b"x");
+    assert_clean(&s);
+    s.close().unwrap_or_else(|e| panic!("{e}"));
+}

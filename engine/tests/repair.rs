@@ -237,3 +237,46 @@ fn scrub_finds_a_flipped_bit_in_a_sealed_segment() {
     assert_eq!(failed, 1);
     s.close().unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// A broken blob pushed again in different pieces (an upload's checkpoints
+/// force chunk cuts, so its chunks differ from the stored recipe's) takes
+/// the new recipe: it reads back whole and its mark goes.
+#[test]
+fn a_broken_blob_pushed_again_in_other_pieces_is_restored() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let cfg = small_config(dir.path());
+    let data = noise(77, 60_000);
+    let s = open(&cfg);
+    let d = put(&s, &data);
+    s.add_ref(&d).unwrap_or_else(|e| panic!("{e}"));
+    s.close().unwrap_or_else(|e| panic!("{e}"));
+    let seg = &segment_files(dir.path())[0];
+    let (off, len) = records(seg)[0];
+    flip(seg, off + 64 + len / 2);
+    let s = open(&cfg);
+    let rep = repair(&s, false);
+    assert_eq!(broken_set(&rep), BTreeSet::from([d.clone()]));
+    assert!(s.stat(&d).unwrap_or_else(|e| panic!("{e}")).is_none());
+    // Written again with a checkpoint 7 bytes in: every chunk boundary of
+    // the first content-defined chunk moves.
+    let mut w = s.writer(Some(d.clone())).unwrap_or_else(|e| panic!("{e}"));
+    w.write(bytes::Bytes::copy_from_slice(&data[..7]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    w.checkpoint(b"again").unwrap_or_else(|e| panic!("{e}"));
+    w.write(bytes::Bytes::copy_from_slice(&data[7..]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    w.commit().unwrap_or_else(|e| panic!("{e}"));
+    let info = s
+        .stat(&d)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("the blob is still reported absent"));
+    assert_eq!(info.refs, 1, "the references held on it are kept");
+    assert_eq!(s.get(&d).unwrap_or_else(|e| panic!("{e}")), data);
+    let v = s.verify().unwrap_or_else(|e| panic!("{e}"));
+    assert!(v.is_whole(), "{v:#?}");
+    s.close().unwrap_or_else(|e| panic!("{e}"));
+    let s = open(&cfg);
+    assert_eq!(s.get(&d).unwrap_or_else(|e| panic!("{e}")), data);
+    assert!(s.verify().unwrap_or_else(|e| panic!("{e}")).is_whole());
+    s.close().unwrap_or_else(|e| panic!("{e}"));
+}

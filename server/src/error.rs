@@ -131,6 +131,12 @@ impl From<orlop_engine::Error> for ApiError {
                     .into(),
             ),
             E::ReadOnly => ApiError::Unsupported("the registry is read-only".into()),
+            // A row too large for the store's journal (a manifest naming
+            // thousands of blobs): refused like any oversized payload.
+            E::ChangeTooLarge { bytes, max, .. } => ApiError::TooLarge {
+                size: bytes as u64,
+                limit: max as u64,
+            },
             e if e.is_corruption() => ApiError::Damaged(e.to_string()),
             e => ApiError::Internal(e.to_string()),
         }

@@ -61,7 +61,10 @@ pub fn run(a: RebuildArgs) -> Result<i32> {
     let bar = crate::progress_bar(!a.json, "");
     let after = store.verify_with_progress(&mut |p| crate::show_progress(&bar, p))?;
     bar.finish_and_clear();
-    let whole = after.is_whole() && registry_problems.is_empty() && rep.blobs_lost.is_empty();
+    let whole = after.is_whole()
+        && registry_problems.is_empty()
+        && rep.blobs_lost.is_empty()
+        && !rep.journal_missing;
     let secs = started.elapsed().as_secs_f64();
     if a.json {
         let v = serde_json::json!({
@@ -72,6 +75,7 @@ pub fn run(a: RebuildArgs) -> Result<i32> {
             "blobs": rep.blobs,
             "chunks": rep.chunks,
             "blobs_lost": rep.blobs_lost.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            "journal_missing": rep.journal_missing,
             "transactions": rep.transactions,
             "transactions_incomplete": rep.transactions_incomplete,
             "row_changes": rep.rows,
@@ -82,6 +86,9 @@ pub fn run(a: RebuildArgs) -> Result<i32> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        if rep.journal_missing {
+            println!("WARNING the segments hold chunks but no metadata journal (written before the journal existed): no blob could be rebuilt");
+        }
         for d in &rep.blobs_lost {
             println!("LOST blob {d}: a recipe part or chunk is missing from the segments");
         }

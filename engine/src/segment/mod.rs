@@ -6,7 +6,7 @@ pub mod format;
 mod recovery;
 
 pub use recovery::{
-    footer_mismatch, scan_segment, scan_segment_records, scan_unsealed, ScanResult,
+    footer_mismatch, scan_segment, scan_segment_records, scan_unsealed, walk_headers, ScanResult,
 };
 
 use crate::crypto::{nonce_for, ChunkCipher, TAG_BYTES};

@@ -52,6 +52,44 @@ pub fn scan_unsealed(file: &dyn SegmentFile) -> std::io::Result<ScanResult> {
     scan(file, false, |_, _, _| true)
 }
 
+/// Visits the record headers of a segment without reading payloads or
+/// checking CRCs (an estimate for compaction's choice), from the first
+/// record to the footer's data end (or the end of the file), stopping at
+/// the first header that does not decode.
+pub fn walk_headers(
+    file: &dyn SegmentFile,
+    mut visit: impl FnMut(u64, &RecordHeader),
+) -> std::io::Result<()> {
+    let len = file.len()?;
+    let mut hb = [0u8; HEADER_BYTES as usize];
+    if len < HEADER_BYTES {
+        return Ok(());
+    }
+    file.read_at(&mut hb, 0)?;
+    let Ok(h) = SegmentHeader::decode(&hb) else {
+        return Ok(());
+    };
+    let mut limit = len.min(h.segment_bytes.saturating_sub(FOOTER_BYTES));
+    if len == h.segment_bytes {
+        let mut fb = [0u8; FOOTER_BYTES as usize];
+        file.read_at(&mut fb, h.segment_bytes - FOOTER_BYTES)?;
+        if let Some(f) = SegmentFooter::decode(&fb) {
+            limit = f.data_end.min(len);
+        }
+    }
+    let mut off = HEADER_BYTES;
+    let mut rh = [0u8; RECORD_HEADER_BYTES];
+    while off + RECORD_HEADER_BYTES as u64 <= limit {
+        file.read_at(&mut rh, off)?;
+        let Some(r) = RecordHeader::decode(&rh) else {
+            break;
+        };
+        visit(off, &r);
+        off += r.total_len();
+    }
+    Ok(())
+}
+
 /// What is wrong with a segment that has an intact footer, if anything:
 /// the scan stopped early, or its records do not match the footer's count
 /// and checksum.
@@ -115,7 +153,13 @@ fn scan(
     let resync = res.footer.is_some();
     let mut off = HEADER_BYTES;
     while off + RECORD_HEADER_BYTES as u64 <= limit {
-        let (r, record) = match read_record_at(file, off, limit)? {
+        // In a sealed segment an unreadable stretch (EIO from a failing
+        // drive) is damage like any other: skipped, reported.
+        let read = match read_record_at(file, off, limit) {
+            Err(e) if resync => Ok(Err(format!("read error at offset {off}: {e}"))),
+            r => r,
+        };
+        let (r, record) = match read? {
             Ok(x) => x,
             Err(why) => {
                 res.stopped.get_or_insert_with(|| why.clone());
@@ -180,14 +224,16 @@ fn next_valid_record(file: &dyn SegmentFile, from: u64, limit: u64) -> std::io::
     while at + RECORD_HEADER_BYTES as u64 <= limit {
         let n = WINDOW.min(limit - at);
         buf.resize(n as usize, 0);
-        file.read_at(&mut buf, at)?;
-        for i in 0..buf.len().saturating_sub(3) {
-            if buf[i..i + 4] == magic {
-                let cand = at + i as u64;
-                if cand + RECORD_HEADER_BYTES as u64 <= limit
-                    && read_record_at(file, cand, limit)?.is_ok()
-                {
-                    return Ok(cand);
+        // An unreadable window holds nothing to resume at.
+        if file.read_at(&mut buf, at).is_ok() {
+            for i in 0..buf.len().saturating_sub(3) {
+                if buf[i..i + 4] == magic {
+                    let cand = at + i as u64;
+                    if cand + RECORD_HEADER_BYTES as u64 <= limit
+                        && matches!(read_record_at(file, cand, limit), Ok(Ok(_)))
+                    {
+                        return Ok(cand);
+                    }
                 }
             }
         }

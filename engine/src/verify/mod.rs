@@ -353,7 +353,8 @@ fn verify_blob(
                     digest: digest.clone(),
                     error: e.to_string(),
                 });
-                if e.is_corruption() {
+                // Damaged bytes, or bytes the disk cannot read.
+                if e.is_corruption() || matches!(e, crate::error::Error::Io { .. }) {
                     find_damaged_chunks(inner, entry, damaged, rep);
                 }
                 return;
