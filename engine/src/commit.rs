@@ -11,7 +11,7 @@ use crate::index::codec::{
 };
 use crate::index::{
     Index, CF_BLOBS, CF_BROKEN, CF_CHUNKS, CF_HELD, CF_META, CF_PENDING, CF_RECIPES, CF_SEGMENTS,
-    CF_STAGED, META_NEXT_TXN_SEQ,
+    CF_STAGED, META_NEXT_TXN_SEQ, META_TXN_VOID_PREFIX,
 };
 use crate::journal::{BlobRecord, KvChange, RecipeRecord, TxnRecord, VoidRecord};
 use crate::segment::format::{KIND_BLOB, KIND_RECIPE, KIND_TXN, KIND_VOID};
@@ -119,7 +119,7 @@ impl Overlay {
     }
 }
 
-pub(crate) fn run(inner: Arc<Inner>, rx: Receiver<Request>, mut next_seq: u64) {
+pub(crate) fn run(inner: Arc<Inner>, rx: Receiver<Request>, mut seqs: Seqs) {
     let max = inner.cfg.group_commit_requests_max;
 
     while let Ok(first) = rx.recv() {
@@ -131,7 +131,7 @@ pub(crate) fn run(inner: Arc<Inner>, rx: Receiver<Request>, mut next_seq: u64) {
             }
         }
         let stop = group.iter().any(|r| matches!(r, Request::Shutdown));
-        process(&inner, group, &mut next_seq);
+        process(&inner, group, &mut seqs);
         if stop {
             break;
         }
@@ -158,7 +158,7 @@ pub(crate) fn delete_staging(
     Ok(())
 }
 
-fn process(inner: &Inner, group: Vec<Request>, next_seq: &mut u64) {
+fn process(inner: &Inner, group: Vec<Request>, seqs: &mut Seqs) {
     let index = &*inner.index;
     let observer = inner.cfg.observer.as_deref();
     if let Some(o) = observer {
@@ -261,7 +261,7 @@ fn process(inner: &Inner, group: Vec<Request>, next_seq: &mut u64) {
     // whose change the index does not show yet.
     let journal_guard = inner.journal_lock.lock().unwrap_or_else(|p| p.into_inner());
     let blob_records = std::mem::take(&mut ov.journal);
-    let durable = append_journal(inner, blob_records, journal, next_seq, &mut batch);
+    let durable = append_journal(inner, blob_records, journal, seqs, &mut batch);
     let durable = durable.and_then(|appended| {
         if !(needs_sync || appended) {
             return Ok(None);
@@ -334,7 +334,7 @@ fn append_journal(
     inner: &Inner,
     blob_records: Vec<(u8, Vec<u8>)>,
     journal: Vec<Vec<KvChange>>,
-    next_seq: &mut u64,
+    seqs: &mut Seqs,
     batch: &mut WriteBatch,
 ) -> Result<bool> {
     for (kind, payload) in &blob_records {
@@ -343,9 +343,12 @@ fn append_journal(
     if journal.is_empty() {
         return Ok(!blob_records.is_empty());
     }
+    if let Some(v) = seqs.void.take() {
+        inner.append_meta(KIND_VOID, &v.encode())?;
+    }
     for changes in journal {
-        let seq = *next_seq;
-        *next_seq += 1;
+        let seq = seqs.next;
+        seqs.next += 1;
         let max = inner.cfg.journal_record_bytes_max();
         for rec in TxnRecord::split(seq, changes, max)? {
             inner.append_meta(KIND_TXN, &rec.encode())?;
@@ -354,31 +357,43 @@ fn append_journal(
     batch.put_cf(
         inner.index.cf(CF_META)?,
         META_NEXT_TXN_SEQ,
-        next_seq.to_le_bytes(),
+        seqs.next.to_le_bytes(),
     );
     Ok(true)
 }
 
+/// The committer's transaction numbering: the next number, and the void
+/// record of this epoch's start, which goes into the log with the epoch's
+/// first journal write.
+pub(crate) struct Seqs {
+    next: u64,
+    void: Option<VoidRecord>,
+}
+
 /// Starts a new epoch of transaction numbers at a writable open (see
-/// `VoidRecord`): voids, durably, whatever the last epoch journaled past
-/// the index's next number, then records the new epoch's first number.
-/// Returns it.
-pub(crate) fn start_epoch(inner: &Inner) -> Result<u64> {
+/// `VoidRecord`): records, durably in the index, the new epoch's first
+/// number and the void range of numbers the last epoch may have journaled
+/// without applying (past the index's next number). The log gets the void
+/// record with the epoch's first journal write.
+pub(crate) fn start_epoch(inner: &Inner) -> Result<Seqs> {
     let index_next = inner.index.meta_u64(META_NEXT_TXN_SEQ)?;
     let next = VoidRecord::next_epoch(index_next.unwrap_or(0));
-    // With no number recorded, no transaction was ever journaled.
-    if let Some(from) = index_next {
-        inner.append_meta(KIND_VOID, &VoidRecord { from, to: next }.encode())?;
-        inner.segments.sync_active()?;
-    }
+    let void = index_next.map(|from| VoidRecord { from, to: next });
+    let meta = inner.index.cf(CF_META)?;
     let mut b = WriteBatch::default();
-    b.put_cf(
-        inner.index.cf(CF_META)?,
-        META_NEXT_TXN_SEQ,
-        next.to_le_bytes(),
-    );
+    b.put_cf(meta, META_NEXT_TXN_SEQ, next.to_le_bytes());
+    if let Some(v) = void {
+        b.put_cf(meta, void_key(v.from), v.to.to_le_bytes());
+    }
     inner.index.write_synced(b)?;
-    Ok(next)
+    Ok(Seqs { next, void })
+}
+
+/// The `meta` key of a void range starting at `from`.
+pub(crate) fn void_key(from: u64) -> Vec<u8> {
+    let mut k = META_TXN_VOID_PREFIX.to_vec();
+    k.extend_from_slice(&from.to_be_bytes());
+    k
 }
 
 fn finish_batch(

@@ -263,12 +263,12 @@ impl Store {
         let committer = if inner.cfg.read_only {
             None
         } else {
-            let next_seq = commit::start_epoch(&inner)?;
+            let seqs = commit::start_epoch(&inner)?;
             let i2 = inner.clone();
             Some(
                 std::thread::Builder::new()
                     .name("orlop-commit".into())
-                    .spawn(move || commit::run(i2, rx, next_seq))
+                    .spawn(move || commit::run(i2, rx, seqs))
                     .map_err(|e| Error::io("committer thread", e))?,
             )
         };

@@ -33,7 +33,9 @@ pub fn run(app: &App) -> Option<GcReport> {
         return None;
     }
     let opts = GcOptions {
-        grace: Duration::from_secs(app.cfg.gc_grace_secs),
+        // At least 1 s even when periodic runs are off (an on-demand run):
+        // the grace covers the gap between an upload's commit and its link.
+        grace: Duration::from_secs(app.cfg.gc_grace_secs.max(1)),
         dry_run: false,
         cancel: app.gc_cancel.clone(),
     };
@@ -58,7 +60,7 @@ pub fn run(app: &App) -> Option<GcReport> {
     // collected in the same run once their own grace period is over.
     match app
         .registry
-        .sweep_links(unused_ms(app.cfg.gc_grace_secs), &app.gc_cancel)
+        .sweep_links(unused_ms(app.cfg.gc_grace_secs.max(1)), &app.gc_cancel)
     {
         Ok(s) => {
             m.links_removed.inc_by(s.removed);

@@ -267,16 +267,46 @@ async fn expire_uploads(app: Arc<App>) {
 }
 
 /// Online garbage collection every `gc_interval_secs` (the first run one
-/// interval after startup), on a blocking thread beside the traffic.
+/// interval after startup), and on demand when the process gets SIGUSR1
+/// (`kill -USR1 <pid>`; also with periodic runs off), on a blocking thread
+/// beside the traffic.
 async fn collect_garbage(app: Arc<App>) {
-    if app.cfg.gc_interval_secs == 0 {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGUSR1 handler: on-demand collection is unavailable");
+            None
+        }
+    };
+    let periodic = app.cfg.gc_interval_secs > 0;
+    if !periodic && usr1.is_none() {
         return;
     }
-    let every = Duration::from_secs(app.cfg.gc_interval_secs);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    // With periodic runs off, the timer never fires.
+    let every = Duration::from_secs(app.cfg.gc_interval_secs.max(1));
+    let start = tokio::time::Instant::now() + every;
+    let mut tick = tokio::time::interval_at(start, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        let timer = async {
+            if periodic {
+                tick.tick().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let requested = async {
+            match usr1.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        if let Either::Right(()) = race(timer, requested).await {
+            tracing::info!("garbage collection requested (SIGUSR1)");
+        }
         let app2 = app.clone();
         let r = tokio::task::spawn_blocking(move || crate::gc::run(&app2)).await;
         if let Err(e) = r {

@@ -45,6 +45,8 @@ pub const META_KEY_CHECK: &[u8] = b"key_check";
 pub const META_NEXT_SEGMENT: &[u8] = b"next_segment_id";
 pub const META_NEXT_RECIPE: &[u8] = b"next_recipe_id";
 pub const META_NEXT_TXN_SEQ: &[u8] = b"next_txn_seq";
+/// `txn_void` ‖ from (u64 BE) → to (u64): journal numbers never applied.
+pub const META_TXN_VOID_PREFIX: &[u8] = b"txn_void";
 
 /// RocksDB's shared block cache.
 const BLOCK_CACHE_BYTES: usize = 64 << 20;

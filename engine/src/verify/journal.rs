@@ -8,7 +8,7 @@ use super::{Problem, VerifyReport};
 use crate::error::Result;
 use crate::ids::{Digest, RecipeId, SegmentId};
 use crate::index::codec::{recipe_prefix, BlobEntry, Location};
-use crate::index::{CF_RECIPES, META_NEXT_TXN_SEQ};
+use crate::index::{CF_META, CF_RECIPES, META_NEXT_TXN_SEQ, META_TXN_VOID_PREFIX};
 use crate::journal::{BlobRecord, RecipeRecord, Replay, TxnRecord, VoidRecord};
 use crate::read::open_any;
 use crate::segment::format::{RecordHeader, KIND_BLOB, KIND_RECIPE, KIND_TXN, KIND_VOID};
@@ -124,6 +124,17 @@ impl JournalSeen {
                 from: next,
                 to: VoidRecord::next_epoch(next),
             });
+        }
+        // Earlier epochs' unapplied numbers, recorded at each open.
+        for kv in inner.index.scan_prefix(CF_META, META_TXN_VOID_PREFIX)? {
+            let (k, v) = kv?;
+            let from = k
+                .get(META_TXN_VOID_PREFIX.len()..)
+                .and_then(crate::index::codec::u64_be);
+            let to = <[u8; 8]>::try_from(&v[..]).ok().map(u64::from_le_bytes);
+            if let (Some(from), Some(to)) = (from, to) {
+                self.replay.add_void(VoidRecord { from, to });
+            }
         }
         // Replay, then compare family by family.
         let mut rows: BTreeMap<(String, Vec<u8>), Vec<u8>> = BTreeMap::new();

@@ -21,10 +21,8 @@ pub async fn linked_blob(app: &App, repo: &RepoName, d: &Digest) -> ApiResult<Bl
     // A link found older than half the grace is renewed (at most one write
     // per link that often); the sweep spares links used within 1.5 x grace,
     // so a client told "exists" has at least the grace to push its manifest.
-    let touch_ms = match app.cfg.gc_interval_secs {
-        0 => u64::MAX,
-        _ => app.cfg.gc_grace_secs.saturating_mul(500).max(1000),
-    };
+    // Also with periodic collection off: a run can be asked for (SIGUSR1).
+    let touch_ms = app.cfg.gc_grace_secs.saturating_mul(500).max(1000);
     blocking(move || {
         if !reg.blob_linked_touch(&repo, &d, touch_ms)? {
             return Err(ApiError::BlobUnknown(d));
