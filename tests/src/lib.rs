@@ -47,3 +47,27 @@ pub fn orlop_bin() -> PathBuf {
         .unwrap_or_else(|| panic!("no target dir"));
     dir.join("orlop")
 }
+
+/// The store's oldest segment file (the first one written).
+pub fn first_segment(data: &Path) -> PathBuf {
+    std::fs::read_dir(data.join("segments"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .min()
+        .unwrap_or_else(|| panic!("no segment under {}", data.display()))
+}
+
+/// Damages a file in place: the byte at `at` XOR `mask`.
+pub fn flip_byte(path: &Path, at: u64, mask: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at)
+        .unwrap_or_else(|e| panic!("{e}"));
+    f.write_all_at(&[b[0] ^ mask], at)
+        .unwrap_or_else(|e| panic!("{e}"));
+}

@@ -4,7 +4,7 @@
 
 use orlop_tests::oci::*;
 use orlop_tests::registry::Registry;
-use std::os::unix::fs::FileExt;
+use orlop_tests::{first_segment, flip_byte};
 use std::time::{Duration, Instant};
 
 fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
@@ -76,22 +76,7 @@ fn the_scrub_reports_damage_in_a_sealed_segment() {
     assert!(c.metric("orlop_scrub_read_bytes_total") > 1_000_000.0);
     // Flip a payload byte of the first sealed segment's first record: the
     // config, pushed first.
-    let first = std::fs::read_dir(data.join("segments"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .min()
-        .unwrap_or_else(|| panic!("no segment"));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&first)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, 64 + 64 + 500)
-        .unwrap_or_else(|e| panic!("{e}"));
-    f.write_all_at(&[b[0] ^ 0x08], 64 + 64 + 500)
-        .unwrap_or_else(|e| panic!("{e}"));
-    drop(f);
+    flip_byte(&first_segment(&data), 64 + 64 + 10, 0x08);
     wait_for("the scrub to find the damage", 30, || {
         c.metric("orlop_scrub_damaged_total") >= 1.0
             && c.metric("orlop_scrub_last_pass_damaged") >= 1.0

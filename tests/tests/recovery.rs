@@ -8,25 +8,10 @@
 //!   the segments finds every image, tag and repository again.
 
 use orlop_tests::oci::*;
-use orlop_tests::orlop_bin;
 use orlop_tests::registry::Registry;
+use orlop_tests::{first_segment, flip_byte, orlop_bin};
 use serde_json::Value;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::process::Command;
-
-fn flip_byte(path: &Path, at: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at)
-        .unwrap_or_else(|e| panic!("{e}"));
-    f.write_all_at(&[b[0] ^ 0x10], at)
-        .unwrap_or_else(|e| panic!("{e}"));
-}
 
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
@@ -55,13 +40,8 @@ fn fsck_repair_reports_damage_and_a_push_restores_it() {
     push_image(&c, "team/other", "v1", &other);
     reg.stop();
 
-    let seg = std::fs::read_dir(data.join("segments"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .min()
-        .unwrap_or_else(|| panic!("no segment"));
     // Segment header (64), record header (64), then the payload.
-    flip_byte(&seg, 64 + 64 + 1_000);
+    flip_byte(&first_segment(&data), 64 + 64 + 1_000, 0x10);
 
     let out = Command::new(orlop_bin())
         .args(["fsck", "--repair", "--json", "--data"])

@@ -90,6 +90,18 @@ pub fn run(store: Arc<Store>, dry_run: bool, json: bool) -> Result<i32> {
         let broken: Vec<_> = rep.broken.iter().map(|b| b.digest.clone()).collect();
         uses = reg.damage_report(&broken).map_err(reg_err)?;
     }
+    // Leaked chunks (counts that were too high, now zero) and orphan
+    // records are reclaimed as compaction always does.
+    let compacted = if dry_run {
+        None
+    } else {
+        let bar = crate::progress_bar(!json, "segments");
+        let c = store.compact(&orlop_engine::CompactOptions::default(), &mut |p| {
+            crate::show_progress(&bar, p)
+        })?;
+        bar.finish_and_clear();
+        Some(c)
+    };
     // Proof: the store as the repair left it.
     let bar = crate::progress_bar(!json, "");
     let after = store.verify_with_progress(&mut |p| crate::show_progress(&bar, p))?;
@@ -120,6 +132,11 @@ pub fn run(store: Arc<Store>, dry_run: bool, json: bool) -> Result<i32> {
                 v
             }).collect::<Vec<_>>(),
             "restored": rep.restored,
+            "segments_rewritten": rep.segments_rewritten,
+            "rejournaled_blobs": rep.rejournaled_blobs,
+            "rejournaled_rows": rep.rejournaled_rows,
+            "compacted_segments": compacted.as_ref().map_or(0, |c| c.segments_removed),
+            "reclaimed_bytes": compacted.as_ref().map_or(0, |c| c.bytes_reclaimed),
             "not_repaired": rep.unrepaired.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
             "after": {
                 "clean": after.is_clean() && registry_after.is_empty(),
@@ -131,6 +148,16 @@ pub fn run(store: Arc<Store>, dry_run: bool, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_text(&rep, refs_fixed, &uses);
+        println!(
+            "{} damaged segments rewritten, journal records written again for {} blobs and {} rows",
+            rep.segments_rewritten, rep.rejournaled_blobs, rep.rejournaled_rows
+        );
+        if let Some(c) = &compacted {
+            println!(
+                "compaction: {} segments removed, {} bytes reclaimed",
+                c.segments_removed, c.bytes_reclaimed
+            );
+        }
         for p in after
             .problems
             .iter()
