@@ -98,6 +98,10 @@ impl Store {
             let e = ChunkEntry::decode(&v)?;
             st.chunks += 1;
             st.unique_bytes += e.loc.raw_len as u64;
+            // A quarantined chunk has no record (fsck --repair).
+            if e.is_quarantined() {
+                continue;
+            }
             st.stored_bytes += e.loc.record_len();
             st.compressed_chunks += (e.loc.flags & crate::segment::format::FLAG_ZSTD != 0) as u64;
             let s = segs.entry(e.loc.segment).or_insert(SegmentStats {
