@@ -25,6 +25,27 @@ fn rows(s: &Store) -> BTreeMap<Vec<u8>, Vec<u8>> {
         .collect()
 }
 
+/// Compacts every sealed segment.
+fn compact_all(s: &Store) -> orlop_engine::CompactReport {
+    let opts = CompactOptions {
+        live_fraction_max: 1.0,
+        ..CompactOptions::default()
+    };
+    s.compact(&opts, &mut |_| {})
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Closes the store, rebuilds its index from the segments and reopens it;
+/// the rows must be `want` and verify clean.
+fn rebuilt(s: Store, cfg: &StoreConfig, want: &BTreeMap<Vec<u8>, Vec<u8>>) -> Store {
+    s.close().unwrap_or_else(|e| panic!("{e}"));
+    let rep = rebuild(cfg);
+    let s = open(cfg);
+    assert_eq!(&rows(&s), want, "{rep:?}");
+    assert_clean(&s);
+    s
+}
+
 fn rebuild(cfg: &StoreConfig) -> orlop_engine::RebuildReport {
     std::fs::remove_dir_all(cfg.data_dir.join("index")).unwrap_or_else(|e| panic!("{e}"));
     rebuild_index(cfg, &mut |_| {}).unwrap_or_else(|e| panic!("rebuild: {e}"))
@@ -87,15 +108,7 @@ fn a_deleted_index_is_rebuilt_from_the_segments() {
         .collect_garbage(&gc, &mut |_| {})
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(freed.blobs_freed, 4);
-    let compacted = s
-        .compact(
-            &CompactOptions {
-                live_fraction_max: 1.0,
-                ..CompactOptions::default()
-            },
-            &mut |_| {},
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+    let compacted = compact_all(&s);
     assert!(compacted.segments_removed > 0, "{compacted:?}");
     assert!(compacted.journal_records_moved > 0, "{compacted:?}");
     let before = s.verify().unwrap_or_else(|e| panic!("{e}"));
@@ -192,11 +205,8 @@ fn an_unapplied_transaction_is_voided() {
     .into_iter()
     .collect();
     assert_eq!(rows(&s), want);
-    s.close().unwrap_or_else(|e| panic!("{e}"));
-    rebuild(&cfg);
-    let s = open(&cfg);
-    assert_eq!(rows(&s), want, "the failed transaction is not replayed");
-    assert_clean(&s);
+    // The failed transaction is not replayed.
+    let s = rebuilt(s, &cfg, &want);
     s.close().unwrap_or_else(|e| panic!("{e}"));
 }
 
@@ -231,24 +241,12 @@ fn a_partly_compacted_transaction_still_replays() {
         s.put(&noise(500 + i, 30_000), None)
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    let c = s
-        .compact(
-            &CompactOptions {
-                live_fraction_max: 1.0,
-                ..CompactOptions::default()
-            },
-            &mut |_| {},
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+    let c = compact_all(&s);
     assert!(c.segments_removed > 0, "{c:?}");
     assert_clean(&s);
     let want = rows(&s);
     assert_eq!(want.get(&b"head".to_vec()), Some(&b"kept".to_vec()));
-    s.close().unwrap_or_else(|e| panic!("{e}"));
-    let rep = rebuild(&cfg);
-    let s = open(&cfg);
-    assert_eq!(rows(&s), want, "{rep:?}");
-    assert_clean(&s);
+    let s = rebuilt(s, &cfg, &want);
     s.close().unwrap_or_else(|e| panic!("{e}"));
 }
 
