@@ -1,5 +1,6 @@
 //! `orlop`: the operator's command.
 
+mod bench;
 mod compact;
 mod fsck;
 mod gc;
@@ -115,6 +116,9 @@ enum Cmd {
     Stats(stats::StatsArgs),
     /// Recreate a lost or corrupt index from the segments (a stopped store).
     RebuildIndex(rebuild::RebuildArgs),
+    /// Load a registry (any, by URL) through the Registry V2 API and report
+    /// throughput, latency and (given its PID and data) its CPU, RSS and disk.
+    Bench(bench::BenchArgs),
     /// Generate a new random store key file (mode 0600).
     Keygen { path: PathBuf },
 }
@@ -211,6 +215,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Compact(a) => compact::run(a),
         Cmd::Stats(a) => stats::run(a),
         Cmd::RebuildIndex(a) => rebuild::run(a),
+        Cmd::Bench(a) => bench::run(a),
         Cmd::Keygen { path } => {
             MasterKey::generate()?.write_file(&path)?;
             println!("wrote a new key to {} (mode 0600)", path.display());

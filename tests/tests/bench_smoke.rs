@@ -1,0 +1,85 @@
+//! A quick run of every `orlop bench` scenario at tiny sizes against a real
+//! `orlop serve`, so that the load tool itself cannot rot: every scenario
+//! reports operations, no errors, and the server's CPU, RSS and disk.
+
+use orlop_tests::orlop_bin;
+use orlop_tests::registry::Registry;
+use serde_json::Value;
+use std::process::Command;
+
+#[test]
+fn every_bench_scenario_runs_against_orlop() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let data = dir.path().join("data");
+    let reg = Registry::start(&data, &[]);
+    let out = Command::new(orlop_bin())
+        .args([
+            "bench",
+            "--json",
+            "--url",
+            &format!("http://{}", reg.host()),
+            "--blob-bytes",
+            "3000000",
+            "--chunk-bytes",
+            "1000000",
+            "--blobs",
+            "8",
+            "--blob-size",
+            "300000",
+            "--concurrency",
+            "4",
+            "--manifests",
+            "20",
+            "--get-concurrency",
+            "4",
+            "--get-secs",
+            "1",
+            "--server-pid",
+            &reg.child.id().to_string(),
+            "--server-data",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap_or_else(|e| panic!("orlop bench: {e}"));
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{v:#}");
+    assert_eq!(v["errors"], 0, "{v:#}");
+    let scenarios = v["scenarios"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = scenarios
+        .iter()
+        .filter_map(|s| s["scenario"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "blob-push",
+            "blob-push-chunked",
+            "blob-pull",
+            "many-blobs-push",
+            "many-blobs-pull",
+            "manifests-push",
+            "manifests-get"
+        ]
+    );
+    for s in &scenarios {
+        assert!(s["ops"].as_u64().unwrap_or(0) > 0, "{s:#}");
+        assert!(s["mb_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{s:#}");
+    }
+    // Byte counts are what was pushed and read back.
+    assert_eq!(scenarios[0]["bytes"], 3_000_000);
+    assert_eq!(scenarios[2]["bytes"], 3_000_000);
+    assert_eq!(scenarios[3]["bytes"], 8 * 300_000);
+    assert_eq!(scenarios[4]["bytes"], 8 * 300_000);
+    assert_eq!(scenarios[5]["ops"], 20);
+    assert!(
+        v["server_peak_rss_bytes"].as_u64().unwrap_or(0) > 1 << 20,
+        "{v:#}"
+    );
+    assert!(
+        v["server_disk_bytes"].as_u64().unwrap_or(0) > 6_000_000,
+        "{v:#}"
+    );
+    assert!(scenarios[0]["server_cpu_secs"].as_f64().is_some(), "{v:#}");
+    reg.stop_and_fsck();
+}

@@ -1,0 +1,247 @@
+//! The load generator's HTTP/1.1 client: one keep-alive connection per
+//! worker (as wrk and real clients use them), request bodies generated as
+//! they are sent, response bodies streamed through SHA-256.
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use rand::{RngCore, SeedableRng};
+use sha2::Digest as _;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+/// Bytes generated per body frame.
+const PIECE_BYTES: usize = 256 * 1024;
+/// No request may take longer than this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `len` pseudo-random bytes from `seed`, made as they are sent.
+pub struct GenBody {
+    rng: rand::rngs::SmallRng,
+    left: u64,
+}
+
+impl GenBody {
+    pub fn new(seed: u64, len: u64) -> Self {
+        GenBody {
+            rng: rand::rngs::SmallRng::seed_from_u64(seed),
+            left: len,
+        }
+    }
+
+    fn next_piece(&mut self) -> Option<Bytes> {
+        self.next_piece_upto(PIECE_BYTES)
+    }
+
+    /// The next piece of the stream, at most `max` bytes.
+    pub fn next_piece_upto(&mut self, max: usize) -> Option<Bytes> {
+        if self.left == 0 || max == 0 {
+            return None;
+        }
+        let n = self.left.min(PIECE_BYTES.min(max) as u64) as usize;
+        let mut b = vec![0u8; n];
+        self.rng.fill_bytes(&mut b);
+        self.left -= n as u64;
+        Some(Bytes::from(b))
+    }
+
+    /// The `sha256:` digest of what `GenBody::new(seed, len)` sends.
+    pub fn digest(seed: u64, len: u64) -> String {
+        let mut g = GenBody::new(seed, len);
+        let mut h = sha2::Sha256::new();
+        while let Some(p) = g.next_piece() {
+            h.update(&p);
+        }
+        format!("sha256:{}", hex::encode(h.finalize()))
+    }
+}
+
+impl Body for GenBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.next_piece().map(|b| Ok(Frame::data(b))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+}
+
+/// A response whose body was read (or hashed and counted).
+pub struct Resp {
+    pub status: u16,
+    pub location: Option<String>,
+    pub digest_header: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// One keep-alive connection to the registry.
+pub struct Conn {
+    host: String,
+    tx: SendRequest<http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>>,
+}
+
+impl Conn {
+    pub async fn open(host: &str) -> Result<Conn> {
+        let stream = tokio::net::TcpStream::connect(host)
+            .await
+            .with_context(|| format!("connecting to {host}"))?;
+        let _ = stream.set_nodelay(true);
+        let (tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn {
+            host: host.to_string(),
+            tx,
+        })
+    }
+
+    /// The server closed the connection (after an error, say).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    fn request<B>(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: B,
+    ) -> Result<
+        http::Request<http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>>,
+    >
+    where
+        B: Body<Data = Bytes, Error = std::convert::Infallible> + Send + 'static,
+    {
+        let mut rb = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host);
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        Ok(rb.body(body.boxed_unsync())?)
+    }
+
+    async fn send(
+        &mut self,
+        req: http::Request<
+            http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>,
+        >,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
+        self.tx.ready().await?;
+        let what = format!("{} {}", req.method(), req.uri());
+        tokio::time::timeout(REQUEST_TIMEOUT, self.tx.send_request(req))
+            .await
+            .map_err(|_| anyhow!("{what}: timed out"))?
+            .with_context(|| what)
+    }
+
+    /// A request with a small body; the response body is kept.
+    pub async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Resp> {
+        let req = self.request(method, path, headers, Full::new(body))?;
+        let resp = self.send(req).await?;
+        let (status, location, digest_header) = head_of(&resp);
+        let body = resp.into_body().collect().await?.to_bytes().to_vec();
+        Ok(Resp {
+            status,
+            location,
+            digest_header,
+            body,
+        })
+    }
+
+    /// A request whose body is generated (`len` bytes from `seed`).
+    pub async fn send_generated(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: GenBody,
+    ) -> Result<Resp> {
+        let req = self.request(method, path, headers, body)?;
+        let resp = self.send(req).await?;
+        let (status, location, digest_header) = head_of(&resp);
+        let body = resp.into_body().collect().await?.to_bytes().to_vec();
+        Ok(Resp {
+            status,
+            location,
+            digest_header,
+            body,
+        })
+    }
+
+    /// GETs a blob, hashing and counting its body; fails on a status other
+    /// than 200 or a digest that is not `want`.
+    pub async fn get_verified(&mut self, path: &str, want: &str) -> Result<u64> {
+        let req = self.request("GET", path, &[], Full::new(Bytes::new()))?;
+        let mut resp = self.send(req).await?;
+        if resp.status() != 200 {
+            bail!("GET {path}: status {}", resp.status());
+        }
+        let mut h = sha2::Sha256::new();
+        let mut n = 0u64;
+        while let Some(frame) = resp.body_mut().frame().await {
+            if let Ok(data) = frame?.into_data() {
+                n += data.len() as u64;
+                h.update(&data);
+            }
+        }
+        let got = format!("sha256:{}", hex::encode(h.finalize()));
+        if got != want {
+            bail!("GET {path}: content hashes to {got}");
+        }
+        Ok(n)
+    }
+}
+
+fn head_of(resp: &hyper::Response<hyper::body::Incoming>) -> (u16, Option<String>, Option<String>) {
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
+    (
+        resp.status().as_u16(),
+        header("location"),
+        header("docker-content-digest"),
+    )
+}
+
+/// Appends a query parameter to a Location (which may already have a query).
+pub fn with_query(location: &str, query: &str) -> String {
+    let sep = if location.contains('?') { '&' } else { '?' };
+    format!("{location}{sep}{query}")
+}
+
+/// The path part of a Location header (registries may send absolute URLs).
+pub fn path_of(location: &str) -> String {
+    match location.split_once("://") {
+        Some((_, rest)) => rest
+            .find('/')
+            .map(|i| rest[i..].to_string())
+            .unwrap_or_else(|| "/".into()),
+        None => location.to_string(),
+    }
+}
