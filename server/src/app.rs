@@ -39,7 +39,8 @@ impl App {
             uploads: Uploads::new(cfg.upload_sessions_max),
             streaming: tokio::sync::Semaphore::new(cfg.uploads_streaming_max),
             downloads: Arc::new(tokio::sync::Semaphore::new(cfg.downloads_streaming_max)),
-            registry: Registry::new(store),
+            registry: Registry::new(store)
+                .with_link_touch_after_ms(cfg.gc_grace_secs.saturating_mul(500).max(1000)),
             gc_cancel: Arc::default(),
             gc_running: Default::default(),
             metrics,

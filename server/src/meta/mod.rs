@@ -12,6 +12,8 @@
 mod audit;
 pub mod codec;
 mod sweep;
+#[cfg(test)]
+mod tests;
 
 pub use audit::BlobUse;
 pub use sweep::SweepReport;
@@ -79,11 +81,36 @@ pub struct NewManifest {
 #[derive(Clone)]
 pub struct Registry {
     store: Arc<Store>,
+    /// A link is renewed (its time rewritten) only once it is this old:
+    /// half the collection's grace, so that pushes naming shared layers do
+    /// not all rewrite (and contend on) the same rows. 0: always.
+    link_touch_after_ms: u64,
 }
 
 impl Registry {
     pub fn new(store: Arc<Store>) -> Self {
-        Registry { store }
+        Registry {
+            store,
+            link_touch_after_ms: 0,
+        }
+    }
+
+    /// Renews links only once they are `ms` old (see the field). The link
+    /// sweep removes a link only after 1.5 x the grace, so with `ms` at
+    /// most half the grace a link younger than `ms` cannot be swept
+    /// before the request that found it completes.
+    pub fn with_link_touch_after_ms(mut self, ms: u64) -> Self {
+        self.link_touch_after_ms = ms;
+        self
+    }
+
+    pub fn link_touch_after_ms(&self) -> u64 {
+        self.link_touch_after_ms
+    }
+
+    /// Whether a link's time value is old enough to be renewed.
+    fn link_is_old(&self, cur: &[u8]) -> bool {
+        decode_time(cur).is_none_or(|t| now_unix_ms().saturating_sub(t) >= self.link_touch_after_ms)
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -161,6 +188,10 @@ impl Registry {
         let key = rkey(repo, &d.to_key());
         self.retry(|| {
             if let Some(cur) = self.get(CF_LINKS, &key)? {
+                // Young links stay as they are (see `link_touch_after_ms`).
+                if !self.link_is_old(&cur) {
+                    return Ok(None);
+                }
                 let mut t = Txn::new();
                 Self::touch_link(&mut t, key.clone(), cur);
                 return Ok(Some(t));
@@ -299,7 +330,11 @@ impl Registry {
                 // Keep the link in place until this manifest holds its own
                 // reference, and touch it: a link sweep that read the old
                 // value (before this manifest existed) then conflicts.
-                Some(cur) => Self::touch_link(t, lkey, cur),
+                Some(cur) if self.link_is_old(&cur) => Self::touch_link(t, lkey, cur),
+                // Young: no sweep can take it before this transaction
+                // applies, and concurrent pushes of images that share the
+                // layer do not contend on its row.
+                Some(_) => {}
                 // A blob the registry holds in another repository: link it here too.
                 None => {
                     t.expect(CF_LINKS, lkey.clone(), None);

@@ -22,7 +22,7 @@ pub async fn linked_blob(app: &App, repo: &RepoName, d: &Digest) -> ApiResult<Bl
     // per link that often); the sweep spares links used within 1.5 x grace,
     // so a client told "exists" has at least the grace to push its manifest.
     // Also with periodic collection off: a run can be asked for (SIGUSR1).
-    let touch_ms = app.cfg.gc_grace_secs.saturating_mul(500).max(1000);
+    let touch_ms = reg.link_touch_after_ms();
     blocking(move || {
         if !reg.blob_linked_touch(&repo, &d, touch_ms)? {
             return Err(ApiError::BlobUnknown(d));
