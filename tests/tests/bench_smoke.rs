@@ -1,7 +1,9 @@
 //! A quick run of every `orlop bench` scenario at tiny sizes against a real
-//! `orlop serve`, so that the load tool itself cannot rot: every scenario
-//! reports operations, no errors, and the server's CPU, RSS and disk.
+//! `orlop serve` (the `images` one over a corpus of two small OCI layouts),
+//! so that the load tool itself cannot rot: every scenario reports
+//! operations, no errors, and the server's CPU, RSS and disk.
 
+use orlop_tests::oci::{noise, tar_gz, write_layout, Image};
 use orlop_tests::orlop_bin;
 use orlop_tests::registry::Registry;
 use serde_json::Value;
@@ -12,6 +14,17 @@ fn every_bench_scenario_runs_against_orlop() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let data = dir.path().join("data");
     let reg = Registry::start(&data, &[]);
+    // A tiny corpus: two images sharing a gzip base layer.
+    let corpus = dir.path().join("corpus");
+    let base = tar_gz(&[
+        ("etc/os-release", b"NAME=bench\n"),
+        ("usr/lib/big", &noise(1, 200_000)),
+    ]);
+    for (name, extra) in [("app-v1", 2u64), ("app-v2", 3)] {
+        let top = tar_gz(&[("app/data", &noise(extra, 50_000))]);
+        let img = Image::with_layers(name, vec![base.clone(), top]);
+        write_layout(&corpus.join(name), &img, name);
+    }
     let out = Command::new(orlop_bin())
         .args([
             "bench",
@@ -39,6 +52,8 @@ fn every_bench_scenario_runs_against_orlop() {
             "--server-data",
         ])
         .arg(&data)
+        .arg("--corpus")
+        .arg(&corpus)
         .output()
         .unwrap_or_else(|e| panic!("orlop bench: {e}"));
     let v: Value = serde_json::from_slice(&out.stdout)
@@ -59,7 +74,9 @@ fn every_bench_scenario_runs_against_orlop() {
             "many-blobs-push",
             "many-blobs-pull",
             "manifests-push",
-            "manifests-get"
+            "manifests-get",
+            "images-push",
+            "images-pull"
         ]
     );
     for s in &scenarios {
@@ -72,6 +89,12 @@ fn every_bench_scenario_runs_against_orlop() {
     assert_eq!(scenarios[3]["bytes"], 8 * 300_000);
     assert_eq!(scenarios[4]["bytes"], 8 * 300_000);
     assert_eq!(scenarios[5]["ops"], 20);
+    // Two images pushed and pulled; the second reuses the base layer.
+    assert_eq!(scenarios[7]["ops"], 2);
+    assert_eq!(scenarios[8]["ops"], 2);
+    assert!(
+        scenarios[8]["bytes"].as_u64().unwrap_or(0) > scenarios[7]["bytes"].as_u64().unwrap_or(0)
+    );
     assert!(
         v["server_peak_rss_bytes"].as_u64().unwrap_or(0) > 1 << 20,
         "{v:#}"

@@ -79,6 +79,9 @@ impl Body for GenBody {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ReqBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
 /// A response whose body was read (or hashed and counted).
 pub struct Resp {
     pub status: u16,
@@ -90,7 +93,7 @@ pub struct Resp {
 /// One keep-alive connection to the registry.
 pub struct Conn {
     host: String,
-    tx: SendRequest<http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>>,
+    tx: SendRequest<ReqBody>,
 }
 
 impl Conn {
@@ -121,11 +124,10 @@ impl Conn {
         path: &str,
         headers: &[(&str, &str)],
         body: B,
-    ) -> Result<
-        http::Request<http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>>,
-    >
+    ) -> Result<http::Request<ReqBody>>
     where
-        B: Body<Data = Bytes, Error = std::convert::Infallible> + Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
     {
         let mut rb = http::Request::builder()
             .method(method)
@@ -134,14 +136,12 @@ impl Conn {
         for (k, v) in headers {
             rb = rb.header(*k, *v);
         }
-        Ok(rb.body(body.boxed_unsync())?)
+        Ok(rb.body(body.map_err(Into::into).boxed_unsync())?)
     }
 
     async fn send(
         &mut self,
-        req: http::Request<
-            http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>,
-        >,
+        req: http::Request<ReqBody>,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
         self.tx.ready().await?;
         let what = format!("{} {}", req.method(), req.uri());
@@ -179,6 +179,21 @@ impl Conn {
         headers: &[(&str, &str)],
         body: GenBody,
     ) -> Result<Resp> {
+        self.send_body(method, path, headers, body).await
+    }
+
+    /// A request with a streamed body; the response body is kept.
+    pub async fn send_body<B>(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: B,
+    ) -> Result<Resp>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let req = self.request(method, path, headers, body)?;
         let resp = self.send(req).await?;
         let (status, location, digest_header) = head_of(&resp);
@@ -243,5 +258,55 @@ pub fn path_of(location: &str) -> String {
             .map(|i| rest[i..].to_string())
             .unwrap_or_else(|| "/".into()),
         None => location.to_string(),
+    }
+}
+
+/// A file sent as a request body, piece by piece (the corpus's blobs).
+pub struct FileBody {
+    file: std::fs::File,
+    left: u64,
+}
+
+impl FileBody {
+    pub fn open(path: &std::path::Path) -> Result<Self> {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let left = file.metadata()?.len();
+        Ok(FileBody { file, left })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.left
+    }
+}
+
+impl Body for FileBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        use std::io::Read;
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.left.min(PIECE_BYTES as u64) as usize;
+        let mut b = vec![0u8; n];
+        // From the page cache: a short blocking read, like a client's.
+        if let Err(e) = self.file.read_exact(&mut b) {
+            return Poll::Ready(Some(Err(e)));
+        }
+        self.left -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(b)))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
     }
 }

@@ -3,11 +3,13 @@
 //! Distribution, ...). Scenarios: `blob` (one large blob pushed
 //! monolithically and in chunks, then pulled), `many-blobs` (N blobs pushed
 //! and pulled C at a time), `manifests` (M manifests pushed under tags, then
-//! GET by tag for a fixed time). Every read is verified. Given the server's
+//! GET by tag for a fixed time), `images` (a corpus of OCI layouts pushed
+//! and pulled as skopeo does). Every read is verified. Given the server's
 //! PID and data directory it also reports the server's CPU seconds per
 //! scenario, its peak RSS and its bytes on disk. Output: a table, or JSON.
 
 mod client;
+mod images;
 mod scenarios;
 
 use anyhow::{bail, Context, Result};
@@ -21,6 +23,7 @@ pub enum Scenario {
     Blob,
     ManyBlobs,
     Manifests,
+    Images,
 }
 
 #[derive(Args)]
@@ -68,6 +71,10 @@ pub struct BenchArgs {
     /// The server's data directory: report its bytes on disk.
     #[arg(long)]
     server_data: Option<PathBuf>,
+    /// Directory of OCI image layouts (`images`; made by
+    /// benches/corpus.py). Without it, `all` skips `images`.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -166,12 +173,19 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let wants = |s: Scenario| a.scenario == Scenario::All || a.scenario == s;
+    let wants = |s: Scenario| {
+        a.scenario == s
+            || (a.scenario == Scenario::All && (s != Scenario::Images || a.corpus.is_some()))
+    };
+    if a.scenario == Scenario::Images && a.corpus.is_none() {
+        bail!("--scenario images needs --corpus DIR (benches/corpus.py makes one)");
+    }
     let mut results: Vec<Outcome> = Vec::new();
     for (s, name) in [
         (Scenario::Blob, "blob"),
         (Scenario::ManyBlobs, "many-blobs"),
         (Scenario::Manifests, "manifests"),
+        (Scenario::Images, "images"),
     ] {
         if !wants(s) {
             continue;
@@ -184,6 +198,10 @@ pub fn run(a: BenchArgs) -> Result<i32> {
             match s {
                 Scenario::Blob => scenarios::large_blob(&plan).await,
                 Scenario::ManyBlobs => scenarios::many_blobs(&plan).await,
+                Scenario::Images => match a.corpus.as_deref() {
+                    Some(dir) => images::images(&plan, dir).await,
+                    None => Ok(Vec::new()),
+                },
                 _ => scenarios::manifests(&plan).await,
             }
         })?;

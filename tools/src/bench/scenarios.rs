@@ -63,7 +63,7 @@ pub struct Plan {
 
 /// Gathers results from workers.
 #[derive(Default)]
-struct Tally {
+pub(super) struct Tally {
     ops: AtomicU64,
     bytes: AtomicU64,
     errors: AtomicU64,
@@ -72,7 +72,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn ok(&self, bytes: u64, started: Instant) {
+    pub(super) fn ok(&self, bytes: u64, started: Instant) {
         self.ops.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -81,12 +81,12 @@ impl Tally {
             .unwrap_or_else(|p| p.into_inner())
             .push(ms);
     }
-    fn fail(&self, e: anyhow::Error) {
+    pub(super) fn fail(&self, e: anyhow::Error) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
         first.get_or_insert_with(|| format!("{e:#}"));
     }
-    fn outcome(self, name: &str, secs: f64) -> Outcome {
+    pub(super) fn outcome(self, name: &str, secs: f64) -> Outcome {
         Outcome {
             name: name.to_string(),
             ops: self.ops.into_inner(),
@@ -106,7 +106,7 @@ impl Tally {
     }
 }
 
-fn expect(status: u16, want: u16, what: &str, body: &[u8]) -> Result<()> {
+pub(super) fn expect(status: u16, want: u16, what: &str, body: &[u8]) -> Result<()> {
     if status != want {
         bail!(
             "{what}: status {status} (want {want}): {}",
@@ -117,7 +117,7 @@ fn expect(status: u16, want: u16, what: &str, body: &[u8]) -> Result<()> {
 }
 
 /// Starts an upload session; returns its Location path.
-async fn start_upload(c: &mut Conn, repo: &str) -> Result<String> {
+pub(super) async fn start_upload(c: &mut Conn, repo: &str) -> Result<String> {
     let r = c
         .call(
             "POST",
