@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -92,15 +93,26 @@ def files_of(root):
 
 
 def same(a, b):
-    if os.path.islink(a) or os.path.islink(b):
-        return os.path.islink(a) and os.path.islink(b) and os.readlink(a) == os.readlink(b)
-    if os.path.isdir(a) or os.path.isdir(b):
-        return os.path.isdir(a) and os.path.isdir(b)
-    sa, sb = os.stat(a), os.stat(b)
-    if sa.st_size != sb.st_size or sa.st_mode != sb.st_mode:
+    """Whether two paths hold the same thing (device nodes and fifos are
+    compared by type and number, never read)."""
+    sa, sb = os.lstat(a), os.lstat(b)
+    if stat.S_IFMT(sa.st_mode) != stat.S_IFMT(sb.st_mode) or sa.st_mode != sb.st_mode:
+        return False
+    if stat.S_ISLNK(sa.st_mode):
+        return os.readlink(a) == os.readlink(b)
+    if stat.S_ISDIR(sa.st_mode):
+        return True
+    if not stat.S_ISREG(sa.st_mode):
+        return sa.st_rdev == sb.st_rdev
+    if sa.st_size != sb.st_size:
         return False
     with open(a, "rb") as fa, open(b, "rb") as fb:
-        return fa.read() == fb.read()
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def layer(out_dir, root, only=None):

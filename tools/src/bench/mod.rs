@@ -145,6 +145,7 @@ fn outcome_json(o: &Outcome) -> serde_json::Value {
         "errors": o.errors,
         "first_error": o.first_error,
         "server_cpu_secs": o.server_cpu_secs,
+        "server_disk_bytes_after": o.server_disk_bytes_after,
     })
 }
 
@@ -181,11 +182,12 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         bail!("--scenario images needs --corpus DIR (benches/corpus.py makes one)");
     }
     let mut results: Vec<Outcome> = Vec::new();
+    // `images` first: the bytes on disk after it are the corpus's.
     for (s, name) in [
+        (Scenario::Images, "images"),
         (Scenario::Blob, "blob"),
         (Scenario::ManyBlobs, "many-blobs"),
         (Scenario::Manifests, "manifests"),
-        (Scenario::Images, "images"),
     ] {
         if !wants(s) {
             continue;
@@ -209,9 +211,14 @@ pub fn run(a: BenchArgs) -> Result<i32> {
             (Some(b), Some(e)) => Some(e - b),
             _ => None,
         };
-        // The scenario's server CPU goes on its first line.
+        // The scenario's server CPU goes on its first line, the disk use
+        // after it on every line.
         if let Some(first) = outs.first_mut() {
             first.server_cpu_secs = cpu;
+        }
+        let disk = a.server_data.as_deref().map(disk_bytes);
+        for o in &mut outs {
+            o.server_disk_bytes_after = disk;
         }
         if !a.json {
             for o in &outs {

@@ -24,6 +24,8 @@ pub struct Outcome {
     pub latencies_ms: Vec<f64>,
     /// Server CPU seconds spent during the scenario (with `--server-pid`).
     pub server_cpu_secs: Option<f64>,
+    /// The server's bytes on disk after the scenario (with `--server-data`).
+    pub server_disk_bytes_after: Option<u64>,
 }
 
 impl Outcome {
@@ -102,6 +104,7 @@ impl Tally {
                 .into_inner()
                 .unwrap_or_else(|p| p.into_inner()),
             server_cpu_secs: None,
+            server_disk_bytes_after: None,
         }
     }
 }
