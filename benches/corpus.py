@@ -124,11 +124,12 @@ def layer(out_dir, root, only=None):
     if only is None:
         cmd.append(".")
     else:
-        cmd += ["--no-recursion", "--files-from", "-"]
-    tar = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    if only is not None:
-        tar.stdin.write("\n".join("./" + p for p in sorted(only)).encode())
-    tar.stdin.close()
+        # A file, not a pipe: tar writes while it reads the list.
+        listing = os.path.join(out_dir, "files.tmp")
+        with open(listing, "w") as f:
+            f.write("\n".join("./" + p for p in sorted(only)) + "\n")
+        cmd += ["--no-recursion", "--files-from", listing]
+    tar = subprocess.Popen(cmd, stdout=subprocess.PIPE)
     raw = hashlib.sha256()
     gz = subprocess.Popen(["gzip", "-n", "-6"], stdin=subprocess.PIPE, stdout=open(tmp, "wb"))
     while True:
