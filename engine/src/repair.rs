@@ -128,6 +128,7 @@ pub(crate) fn apply(
     for (d, chunks) in plan.broken {
         match chunks {
             Some(n) => {
+                index.note_broken();
                 let mut v = [0u8; 16];
                 v[..8].copy_from_slice(&n.to_le_bytes());
                 v[8..].copy_from_slice(&now_unix_ms().to_le_bytes());

@@ -168,7 +168,13 @@ fn compaction_beside_writers_readers_and_the_collector() {
         let (s, stop) = (s.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut runs = (0u64, 0u64);
-            while !stop.load(Ordering::Relaxed) {
+            // Flat out while the writers run; after they stop, on until a
+            // run has removed a segment (a loaded machine may finish the
+            // writers before one could), within a bound.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !(stop.load(Ordering::Relaxed) && runs.1 > 0)
+                && std::time::Instant::now() < deadline
+            {
                 let g = GcOptions {
                     grace: Duration::from_millis(200),
                     ..GcOptions::default()

@@ -58,6 +58,9 @@ pub struct Index {
     db: DB,
     read_only: bool,
     extra: Vec<String>,
+    /// Whether any blob may carry a broken mark (most stores never have
+    /// one, and then `broken` costs no lookup on the read path).
+    broken_any: std::sync::atomic::AtomicBool,
 }
 
 fn cf_options(cache: &Cache, point_lookups: bool) -> Options {
@@ -118,11 +121,24 @@ impl Index {
         } else {
             DB::open_cf_descriptors(&opts, path, descs)?
         };
-        Ok(Index {
+        let index = Index {
             db,
             read_only,
             extra,
-        })
+            broken_any: std::sync::atomic::AtomicBool::new(true),
+        };
+        let any = match index.db.cf_handle(CF_BROKEN) {
+            Some(cf) => index
+                .db
+                .iterator_cf(cf, rocksdb::IteratorMode::Start)
+                .next()
+                .is_some(),
+            None => false,
+        };
+        index
+            .broken_any
+            .store(any, std::sync::atomic::Ordering::SeqCst);
+        Ok(index)
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -220,10 +236,16 @@ impl Index {
     /// Whether `Store::repair` marked the blob broken (a store that
     /// predates the `broken` family, open read-only, has none).
     pub fn broken(&self, d: &Digest) -> Result<bool> {
-        if self.read_only && self.db.cf_handle(CF_BROKEN).is_none() {
+        if !self.broken_any.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(false);
         }
         Ok(self.get(CF_BROKEN, &d.to_key())?.is_some())
+    }
+
+    /// A broken mark is about to be written (`Store::repair`).
+    pub fn note_broken(&self) {
+        self.broken_any
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn segment(&self, id: SegmentId) -> Result<Option<SegmentEntry>> {
