@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ChunkId, Digest, RecipeId, SegmentId};
 use crate::index::codec::{recipe_key, BlobEntry, ChunkEntry, Location, RecipePart, SegmentEntry};
 use crate::index::*;
-use crate::io::{OpenMode, PreadIo, SegmentIo};
+use crate::io::OpenMode;
 use crate::journal::{BlobRecord, RecipeRecord, Replay, TxnRecord, VoidRecord};
 use crate::keys::MasterKey;
 use crate::read::open_with;
@@ -177,14 +177,18 @@ fn scan_all(
         .filter_map(|e| e.file_name().to_str().and_then(SegmentId::parse_file_name))
         .collect();
     ids.sort();
+    let io = crate::store::pick_io(&cfg.io)?;
     let mut found = Found::default();
     let mut cipher: Option<ChunkCipher> = None;
     let total = ids.len() as u64;
     for (n, id) in ids.into_iter().enumerate() {
         let path = seg_dir.join(id.file_name());
-        let file = PreadIo
-            .open(&path, OpenMode::ReadOnly)
+        // Read-write: what the new index records as durable is synced first
+        // (the files may hold bytes a crash never let reach the disk).
+        let file = io
+            .open(&path, OpenMode::ReadWrite)
             .map_err(|e| Error::io(&path, e))?;
+        file.sync().map_err(|e| Error::io(&path, e))?;
         let mut hb = [0u8; HEADER_BYTES as usize];
         let header = file
             .read_at(&mut hb, 0)

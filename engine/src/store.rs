@@ -204,7 +204,7 @@ impl Inner {
     }
 }
 
-fn pick_io(b: &IoBackend) -> Result<Arc<dyn SegmentIo>> {
+pub(crate) fn pick_io(b: &IoBackend) -> Result<Arc<dyn SegmentIo>> {
     Ok(match b {
         IoBackend::Auto => io::auto(),
         IoBackend::Pread => Arc::new(PreadIo),

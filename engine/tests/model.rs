@@ -314,6 +314,32 @@ fn run(ops: Vec<Op>, seed: u64) {
     check_all(&s, &m);
 }
 
+/// Regression (seed 896, minimized): a rebuild after a failed fsync
+/// recorded as durable segment bytes that had never been synced, and the
+/// crash that followed lost them (`DurableDataLost` at open). A rebuild now
+/// syncs each segment before the new index names it.
+#[test]
+fn regression_rebuild_after_a_failed_sync_then_a_crash() {
+    run(
+        vec![
+            Op::Put(vec![(2, 835), (5, 5476), (0, 3189), (4, 2123)], 19100),
+            Op::FailNextSync(vec![(0, 3684), (0, 2287), (2, 2049)]),
+            Op::Rebuild,
+            Op::PutWrongDigest(vec![(0, 191), (3, 3881), (2, 1848), (5, 3531), (4, 5628)]),
+            Op::Put(vec![(0, 399), (2, 5788)], 766),
+            Op::Compact(10),
+            Op::Put(vec![(2, 756), (0, 668), (5, 5885), (2, 663)], 21222),
+            Op::Put(vec![(0, 5400), (2, 4849), (2, 3863)], 7868),
+            Op::Put(vec![(2, 1209), (0, 956), (1, 4910), (2, 552)], 26792),
+            Op::Put(vec![(2, 4310), (2, 98), (2, 402), (0, 184)], 3962),
+            Op::FailNextSync(vec![(1, 5631), (2, 1641)]),
+            Op::Rebuild,
+            Op::Crash,
+        ],
+        896,
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: std::env::var("ORLOP_MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000),
