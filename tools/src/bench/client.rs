@@ -171,17 +171,6 @@ impl Conn {
         })
     }
 
-    /// A request whose body is generated (`len` bytes from `seed`).
-    pub async fn send_generated(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: GenBody,
-    ) -> Result<Resp> {
-        self.send_body(method, path, headers, body).await
-    }
-
     /// A request with a streamed body; the response body is kept.
     pub async fn send_body<B>(
         &mut self,

@@ -4,8 +4,8 @@
 //! tag) and pulled back as clients pull (manifest by tag, then every blob),
 //! every byte checked.
 
-use super::client::{with_query, Conn, FileBody};
-use super::scenarios::{expect, start_upload, Outcome, Plan, Tally};
+use super::client::{Conn, FileBody};
+use super::scenarios::{expect, put_upload, Outcome, Plan, Tally};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use serde_json::Value;
@@ -100,21 +100,7 @@ async fn push_blob(c: &mut Conn, repo: &str, layout: &Path, digest: &str) -> Res
     }
     let body = FileBody::open(&blob_path(layout, digest)?)?;
     let len = body.len();
-    let loc = start_upload(c, repo).await?;
-    let len_s = len.to_string();
-    let headers = [
-        ("content-type", "application/octet-stream"),
-        ("content-length", len_s.as_str()),
-    ];
-    let r = c
-        .send_body(
-            "PUT",
-            &with_query(&loc, &format!("digest={digest}")),
-            &headers,
-            body,
-        )
-        .await?;
-    expect(r.status, 201, "PUT blob", &r.body)?;
+    put_upload(c, repo, digest, len, body).await?;
     Ok(len)
 }
 

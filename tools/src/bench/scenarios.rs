@@ -120,7 +120,7 @@ pub(super) fn expect(status: u16, want: u16, what: &str, body: &[u8]) -> Result<
 }
 
 /// Starts an upload session; returns its Location path.
-pub(super) async fn start_upload(c: &mut Conn, repo: &str) -> Result<String> {
+async fn start_upload(c: &mut Conn, repo: &str) -> Result<String> {
     let r = c
         .call(
             "POST",
@@ -143,6 +143,22 @@ pub async fn push_monolithic(
     len: u64,
     digest: &str,
 ) -> Result<()> {
+    put_upload(c, repo, digest, len, GenBody::new(seed, len)).await
+}
+
+/// POST a session, then PUT `body` (`len` bytes) with `?digest=`, which
+/// every registry supports.
+pub(super) async fn put_upload<B>(
+    c: &mut Conn,
+    repo: &str,
+    digest: &str,
+    len: u64,
+    body: B,
+) -> Result<()>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let loc = start_upload(c, repo).await?;
     let len_s = len.to_string();
     let headers = [
@@ -150,14 +166,14 @@ pub async fn push_monolithic(
         ("content-length", len_s.as_str()),
     ];
     let r = c
-        .send_generated(
+        .send_body(
             "PUT",
             &with_query(&loc, &format!("digest={digest}")),
             &headers,
-            GenBody::new(seed, len),
+            body,
         )
         .await?;
-    expect(r.status, 201, "PUT monolithic", &r.body)
+    expect(r.status, 201, "PUT upload", &r.body)
 }
 
 /// POST a session, PATCH `chunk` bytes at a time with Content-Range, then
@@ -284,15 +300,9 @@ where
                     break;
                 }
                 conn = job(conn, i, tally.clone()).await;
-                // A connection the server closed after an error: reconnect.
-                if conn_broken(&conn) {
-                    match Conn::open(&host).await {
-                        Ok(c) => conn = c,
-                        Err(e) => {
-                            tally.fail(e);
-                            break;
-                        }
-                    }
+                match reopen_if_closed(conn, &host, &tally).await {
+                    Some(c) => conn = c,
+                    None => break,
                 }
             }
         }));
@@ -303,8 +313,19 @@ where
     Ok(())
 }
 
-fn conn_broken(c: &Conn) -> bool {
-    c.is_closed()
+/// The connection, or a new one if the server closed it (after an
+/// error); `None` (counted as an error) when none can be opened.
+async fn reopen_if_closed(conn: Conn, host: &str, tally: &Tally) -> Option<Conn> {
+    if !conn.is_closed() {
+        return Some(conn);
+    }
+    match Conn::open(host).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tally.fail(e);
+            None
+        }
+    }
 }
 
 /// `blobs` blobs of `blob_size` pushed (POST, then PUT with the body, which
@@ -403,16 +424,8 @@ pub async fn manifests(p: &Plan) -> Result<Vec<Outcome>> {
             .to_vec();
     let layer = format!("orlop bench layer {}", p.seed).into_bytes();
     for b in [&config, &layer] {
-        let loc = start_upload(&mut c, &p.repo).await?;
-        let r = c
-            .call(
-                "PUT",
-                &with_query(&loc, &format!("digest={}", sha256(b))),
-                &[("content-type", "application/octet-stream")],
-                Bytes::from(b.clone()),
-            )
-            .await?;
-        expect(r.status, 201, "PUT blob", &r.body)?;
+        let body = http_body_util::Full::new(Bytes::from(b.clone()));
+        put_upload(&mut c, &p.repo, &sha256(b), b.len() as u64, body).await?;
     }
     let (cd, ld) = (
         (sha256(&config), config.len()),
@@ -489,16 +502,11 @@ pub async fn manifests(p: &Plan) -> Result<Vec<Outcome>> {
                 });
                 match checked {
                     Ok(n) => tally.ok(n, started),
-                    Err(e) => {
-                        tally.fail(e);
-                        match Conn::open(&host).await {
-                            Ok(nc) => c = nc,
-                            Err(e) => {
-                                tally.fail(e);
-                                break;
-                            }
-                        }
-                    }
+                    Err(e) => tally.fail(e),
+                }
+                match reopen_if_closed(c, &host, &tally).await {
+                    Some(nc) => c = nc,
+                    None => break,
                 }
             }
         }));
