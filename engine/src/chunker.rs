@@ -28,12 +28,24 @@ impl Chunker {
         }
     }
 
+    /// A fresh window holding `tail`, with room for a whole window and one
+    /// more piece, so that filling it never reallocates (and copies) it.
+    fn window_with(&self, tail: &[u8], piece_len: usize) -> BytesMut {
+        let mut b = BytesMut::with_capacity(self.window_bytes + piece_len.max(1 << 16));
+        b.extend_from_slice(tail);
+        b
+    }
+
     /// Feeds a piece; calls `emit` for every chunk that is now final.
     pub fn push(
         &mut self,
         piece: &[u8],
         emit: &mut dyn FnMut(Bytes) -> crate::Result<()>,
     ) -> crate::Result<()> {
+        if self.buf.capacity() - self.buf.len() < piece.len() {
+            let tail = std::mem::take(&mut self.buf);
+            self.buf = self.window_with(&tail, piece.len());
+        }
         self.buf.extend_from_slice(piece);
         if self.buf.len() >= self.window_bytes {
             self.drain(false, emit)?;
@@ -77,7 +89,12 @@ impl Chunker {
             start += len;
         }
         let tail = frozen.split_off(start);
-        self.buf = BytesMut::from(&tail[..]);
+        // The emitted chunks keep the old window alive; the tail starts a
+        // new one (at most `max_bytes` copied).
+        self.buf = BytesMut::new();
+        if !tail.is_empty() {
+            self.buf = self.window_with(&tail, 0);
+        }
         Ok(())
     }
 }

@@ -100,14 +100,20 @@ pub struct StoreConfig {
     /// zstd level for compressible chunks.
     pub zstd_level: i32,
     pub io: IoBackend,
+    /// How appends reach segment files: whole blocks with O_DIRECT (the
+    /// default) or through the page cache.
+    pub append_mode: crate::segment::AppendMode,
     /// Open without modifying anything (fsck, stats on a store in use elsewhere).
     pub read_only: bool,
     /// Pieces buffered between a writer and its chunking thread.
     pub write_pipeline_pieces_max: usize,
     /// Commit requests gathered into one group commit.
     pub group_commit_requests_max: usize,
-    /// Chunks decoded in parallel ahead of a reader.
+    /// Chunks read and decoded at once ahead of a reader, at most...
     pub read_ahead_chunks: usize,
+    /// ...and bytes (of plaintext): one batch is read with one read per
+    /// run of records that are back to back in a segment.
+    pub read_ahead_bytes: usize,
     /// Extra RocksDB column families owned by layers above the engine.
     pub extra_column_families: Vec<String>,
     /// Commit-path timings, for the server's metrics.
@@ -123,10 +129,12 @@ impl StoreConfig {
             segment_bytes: 256 * 1024 * 1024,
             zstd_level: 1,
             io: IoBackend::Auto,
+            append_mode: crate::segment::AppendMode::Direct,
             read_only: false,
             write_pipeline_pieces_max: 8,
             group_commit_requests_max: 256,
-            read_ahead_chunks: 16,
+            read_ahead_chunks: 256,
+            read_ahead_bytes: 2 << 20,
             extra_column_families: Vec::new(),
             observer: None,
         }
@@ -155,6 +163,7 @@ impl StoreConfig {
         if self.write_pipeline_pieces_max == 0
             || self.group_commit_requests_max == 0
             || self.read_ahead_chunks == 0
+            || self.read_ahead_bytes == 0
         {
             return Err(Error::Config("queue bounds must be at least 1".into()));
         }

@@ -10,7 +10,6 @@ use crate::index::CF_RECIPES;
 use crate::segment::format::{RecordHeader, FLAG_ZSTD, KIND_CHUNK, RECORD_HEADER_BYTES};
 use crate::store::Inner;
 use bytes::Bytes;
-use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -29,6 +28,12 @@ pub(crate) fn open_record(
     rec: Vec<u8>,
 ) -> Result<Bytes> {
     let (h, plain) = open_any(inner, loc, rec)?;
+    check_chunk_header(&h, id, loc)?;
+    Ok(plain)
+}
+
+/// A chunk record's header must say what the index says of it.
+pub(crate) fn check_chunk_header(h: &RecordHeader, id: &ChunkId, loc: &Location) -> Result<()> {
     if h.kind != KIND_CHUNK || h.chunk != *id || h.raw_len != loc.raw_len || h.flags != loc.flags {
         return Err(Error::CorruptChunk {
             segment: loc.segment,
@@ -36,7 +41,7 @@ pub(crate) fn open_record(
             reason: "record header does not match the index",
         });
     }
-    Ok(plain)
+    Ok(())
 }
 
 /// Authenticates and decompresses any record (chunk or journal) and checks
@@ -56,12 +61,37 @@ pub(crate) fn open_with(
     loc: &Location,
     mut rec: Vec<u8>,
 ) -> Result<(RecordHeader, Bytes)> {
+    let (h, plain) = open_in_place(cipher, naming_key, loc, &mut rec)?;
+    let plain = match plain {
+        Plain::At(r) => Bytes::from(rec).slice(r),
+        Plain::Owned(v) => Bytes::from(v),
+    };
+    Ok((h, plain))
+}
+
+/// Where a record's plaintext is after [`open_in_place`].
+pub(crate) enum Plain {
+    /// In the record's own buffer (it was stored uncompressed).
+    At(std::ops::Range<usize>),
+    /// Decompressed into a buffer of its own.
+    Owned(Vec<u8>),
+}
+
+/// Authenticates and decrypts a record (header ‖ payload, its CRC already
+/// checked) in place, decompresses it if it was compressed, and checks that
+/// the plaintext has the record's name and length.
+pub(crate) fn open_in_place(
+    cipher: &crate::crypto::ChunkCipher,
+    naming_key: &[u8; 32],
+    loc: &Location,
+    rec: &mut [u8],
+) -> Result<(RecordHeader, Plain)> {
     let corrupt = |reason| Error::CorruptChunk {
         segment: loc.segment,
         offset: loc.offset as u64,
         reason,
     };
-    let h = RecordHeader::decode(&rec).ok_or_else(|| corrupt("no record header"))?;
+    let h = RecordHeader::decode(rec).ok_or_else(|| corrupt("no record header"))?;
     let n = cipher
         .open(
             h.nonce,
@@ -72,19 +102,21 @@ pub(crate) fn open_with(
             &mut rec[RECORD_HEADER_BYTES..],
         )
         .map_err(|_| corrupt("authentication (AEAD tag) failed"))?;
+    let body = RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + n;
     let plain = if h.flags & FLAG_ZSTD != 0 {
-        Bytes::from(
-            decompress(
-                &rec[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + n],
-                h.raw_len as usize,
-            )
-            .ok_or_else(|| corrupt("zstd data does not decompress to its length"))?,
+        Plain::Owned(
+            decompress(&rec[body], h.raw_len as usize)
+                .ok_or_else(|| corrupt("zstd data does not decompress to its length"))?,
         )
     } else {
-        Bytes::from(rec).slice(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + n)
+        Plain::At(body)
     };
-    let name = ChunkId(*blake3::keyed_hash(naming_key, &plain).as_bytes());
-    if plain.len() != h.raw_len as usize || name != h.chunk {
+    let bytes: &[u8] = match &plain {
+        Plain::At(r) => &rec[r.clone()],
+        Plain::Owned(v) => v,
+    };
+    let name = ChunkId(*blake3::keyed_hash(naming_key, bytes).as_bytes());
+    if bytes.len() != h.raw_len as usize || name != h.chunk {
         return Err(corrupt("content does not match the chunk name"));
     }
     Ok((h, plain))
@@ -310,7 +342,11 @@ impl BlobReader {
     /// Decodes the next batch of chunks that overlap the range, in parallel.
     fn fill(&mut self) -> Result<()> {
         let mut batch: Vec<(u64, RecipeEntry)> = Vec::new();
-        while batch.len() < self.inner.cfg.read_ahead_chunks && self.queue_pos < self.end {
+        let mut batch_bytes = 0usize;
+        while batch.len() < self.inner.cfg.read_ahead_chunks
+            && batch_bytes < self.inner.cfg.read_ahead_bytes
+            && self.queue_pos < self.end
+        {
             let Some(e) = self.queue.pop_front() else {
                 match self.load_part()? {
                     Some(p) => {
@@ -334,15 +370,14 @@ impl BlobReader {
             let start = self.queue_pos;
             self.queue_pos += e.raw_len as u64;
             if self.queue_pos > self.pos {
+                batch_bytes += e.raw_len as usize;
                 batch.push((start, e));
             }
         }
         let inner = &*self.inner;
         let decoded: Vec<Result<Bytes>> = if batch.len() > 1 {
-            batch
-                .par_iter()
-                .map(|(_, e)| fetch_chunk(inner, e))
-                .collect()
+            let entries: Vec<RecipeEntry> = batch.iter().map(|(_, e)| *e).collect();
+            crate::span::load_batch(inner, &entries)
         } else {
             batch.iter().map(|(_, e)| fetch_chunk(inner, e)).collect()
         };
@@ -355,6 +390,22 @@ impl BlobReader {
             }
         }
         Ok(())
+    }
+
+    /// Every piece of the next read-ahead batch (up to `read_ahead_bytes`),
+    /// or None at the range's end. Zero-copy; for a streaming server, which
+    /// then hands them on in one message.
+    pub fn next_batch(&mut self) -> Result<Option<Vec<Bytes>>> {
+        let Some(first) = self.next_piece()? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(self.ready.len() + 1);
+        out.push(first);
+        while let Some(b) = self.ready.pop_front() {
+            self.pos += b.len() as u64;
+            out.push(b);
+        }
+        Ok(Some(out))
     }
 
     /// The next piece of the range, or None at its end. Zero-copy.

@@ -239,7 +239,14 @@ impl Store {
         let store_id = check_meta(&index, &sub.check, is_new)?;
         let io = pick_io(&cfg.io)?;
         tracing::info!(io = io.name(), data = %dir.display(), "opening store");
-        let segments = Segments::new(seg_dir, io, index.clone(), store_id, cfg.segment_bytes);
+        let segments = Segments::new(
+            seg_dir,
+            io,
+            index.clone(),
+            store_id,
+            cfg.segment_bytes,
+            cfg.append_mode,
+        );
         recover_segments(&index, &segments, store_id)?;
         if !cfg.read_only {
             drop_pending(&index)?;
@@ -656,7 +663,11 @@ fn recover_segments(index: &Index, segs: &Segments, store_id: [u8; 16]) -> Resul
             continue;
         }
         if scan.file_len > scan.data_end {
-            tracing::warn!(segment = %id, torn_bytes = scan.file_len - scan.data_end, "truncating a torn segment tail");
+            // Up to the next 4 KiB boundary, the last sync's zero padding.
+            let padded = scan.data_end.div_ceil(4096) * 4096;
+            if scan.file_len > padded {
+                tracing::warn!(segment = %id, torn_bytes = scan.file_len - scan.data_end, "truncating a torn segment tail");
+            }
         }
         let footer = crate::segment::format::SegmentFooter {
             segment: id,

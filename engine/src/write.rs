@@ -82,7 +82,9 @@ enum Input {
 
 /// What flows from the cutting stage into the appending stage.
 enum AppendMsg {
-    Chunk(PreparedChunk),
+    /// A batch's new chunks, in order (one message per batch: a hand-off
+    /// between threads costs more than appending a chunk).
+    Chunks(Vec<PreparedChunk>),
     /// Replies once every earlier chunk is appended and its placement staged.
     Barrier(Sender<Result<()>>),
 }
@@ -446,8 +448,9 @@ impl RecipeSpill {
     }
 }
 
-/// Prepared chunks queued between the cutting and the appending stage.
-const APPEND_QUEUE_CHUNKS: usize = 8;
+/// Batches of prepared chunks queued between the cutting and the appending
+/// stage (each at most `CUT_BATCH_CHUNKS` chunks).
+const APPEND_QUEUE_BATCHES: usize = 1;
 /// Chunk ids of this blob already sent to the appender, so that a chunk
 /// repeated inside a blob is stored once. Past this bound a repeat may be
 /// stored twice (an orphan record, reclaimable), never miscounted.
@@ -456,7 +459,7 @@ const SENT_IDS_MAX: usize = 1 << 16;
 const STAGED_BATCH_ENTRIES: usize = 256;
 
 /// Chunks named and compressed together on the rayon pool.
-const CUT_BATCH_CHUNKS: usize = 16;
+const CUT_BATCH_CHUNKS: usize = 8;
 
 /// A cut chunk after naming and (when new and worth it) compression.
 struct Named {
@@ -496,7 +499,7 @@ fn chunk_worker(
     from: Start,
     ticket: Arc<WriterTicket>,
 ) -> Result<WorkerSummary> {
-    let (atx, arx) = crossbeam_channel::bounded::<AppendMsg>(APPEND_QUEUE_CHUNKS);
+    let (atx, arx) = crossbeam_channel::bounded::<AppendMsg>(APPEND_QUEUE_BATCHES);
     std::thread::scope(|scope| {
         let appender = std::thread::Builder::new()
             .name("orlop-append".into())
@@ -641,25 +644,31 @@ impl<'a> CutStage<'a> {
             named.push((chunk, id, is_new, compress));
         }
         let level = self.level;
-        let named: Vec<Result<Named>> = named
-            .into_par_iter()
-            .map(|(chunk, id, is_new, compress)| {
-                let z = if compress {
-                    compress_here(level, &chunk)?
-                } else {
-                    None
-                };
-                let prepared = is_new.then(|| match z {
-                    Some(z) => (FLAG_ZSTD, z),
-                    None => (0, PreparedChunk::buffer(&chunk)),
-                });
-                Ok(Named {
-                    chunk,
-                    id,
-                    prepared,
-                })
+        let name = |(chunk, id, is_new, compress): (Bytes, ChunkId, bool, bool)| {
+            let z = if compress {
+                compress_here(level, &chunk)?
+            } else {
+                None
+            };
+            let prepared = is_new.then(|| match z {
+                Some(z) => (FLAG_ZSTD, z),
+                None => (0, PreparedChunk::buffer(&chunk)),
+            });
+            Ok(Named {
+                chunk,
+                id,
+                prepared,
             })
-            .collect();
+        };
+        // Compression runs on the pool; a batch with nothing to compress
+        // (gzip layers, say) stays on this thread rather than pay for
+        // waking the pool.
+        let named: Vec<Result<Named>> = if named.iter().filter(|n| n.3).count() > 1 {
+            named.into_par_iter().map(name).collect()
+        } else {
+            named.into_iter().map(name).collect()
+        };
+        let mut to_append = Vec::new();
         for n in named {
             let Named {
                 chunk,
@@ -684,16 +693,13 @@ impl<'a> CutStage<'a> {
                         if self.sent.len() < SENT_IDS_MAX {
                             self.sent.insert(id);
                         }
-                        // A closed queue means the appender failed; its error is reported.
-                        self.atx
-                            .send(AppendMsg::Chunk(PreparedChunk {
-                                kind: KIND_CHUNK,
-                                id,
-                                flags,
-                                raw_len,
-                                record,
-                            }))
-                            .map_err(|_| Error::ShuttingDown)?;
+                        to_append.push(PreparedChunk {
+                            kind: KIND_CHUNK,
+                            id,
+                            flags,
+                            raw_len,
+                            record,
+                        });
                     }
                 }
             }
@@ -707,6 +713,12 @@ impl<'a> CutStage<'a> {
                 self.spill.flush(inner)?;
             }
         }
+        if !to_append.is_empty() {
+            // A closed queue means the appender failed; its error is reported.
+            self.atx
+                .send(AppendMsg::Chunks(to_append))
+                .map_err(|_| Error::ShuttingDown)?;
+        }
         Ok(())
     }
 }
@@ -716,8 +728,8 @@ fn append_stage(inner: &Inner, recipe: RecipeId, rx: Receiver<AppendMsg>) -> Res
     let staged_cf = inner.index.cf(CF_STAGED)?;
     let mut batch = WriteBatch::default();
     for msg in rx {
-        let chunk = match msg {
-            AppendMsg::Chunk(c) => c,
+        let chunks = match msg {
+            AppendMsg::Chunks(c) => c,
             AppendMsg::Barrier(reply) => {
                 let r = if batch.is_empty() {
                     Ok(())
@@ -732,17 +744,19 @@ fn append_stage(inner: &Inner, recipe: RecipeId, rx: Receiver<AppendMsg>) -> Res
                 continue;
             }
         };
-        let id = chunk.id;
-        let loc = inner.segments.append(&inner.cipher, chunk)?;
-        {
-            let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            if fl.len() < INFLIGHT_CHUNKS_MAX {
-                fl.entry(id).or_insert((loc, recipe));
+        for chunk in chunks {
+            let id = chunk.id;
+            let loc = inner.segments.append(&inner.cipher, chunk)?;
+            {
+                let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                if fl.len() < INFLIGHT_CHUNKS_MAX {
+                    fl.entry(id).or_insert((loc, recipe));
+                }
             }
-        }
-        batch.put_cf(staged_cf, staged_key(recipe, &id), loc.encode());
-        if batch.len() >= STAGED_BATCH_ENTRIES {
-            inner.index.write_unsynced(std::mem::take(&mut batch))?;
+            batch.put_cf(staged_cf, staged_key(recipe, &id), loc.encode());
+            if batch.len() >= STAGED_BATCH_ENTRIES {
+                inner.index.write_unsynced(std::mem::take(&mut batch))?;
+            }
         }
     }
     if !batch.is_empty() {

@@ -64,6 +64,11 @@ pub struct ServerConfig {
     /// ones keep the size they were written with. The engine's bounds
     /// apply: at least 4 x (largest chunk + 1 KiB), at most 4 GiB - 1.
     pub segment_bytes: u64,
+    /// Appends reach segment files with O_DIRECT (in whole blocks from an
+    /// aligned buffer), bypassing the page cache; `false` writes the same
+    /// blocks through the page cache. File systems that refuse O_DIRECT
+    /// get buffered writes either way.
+    pub segment_direct_io: bool,
 }
 
 impl Default for ServerConfig {
@@ -91,6 +96,7 @@ impl Default for ServerConfig {
             scrub_interval_secs: 7 * 86_400,
             scrub_bytes_per_sec_max: 32 << 20,
             segment_bytes: StoreConfig::new("").segment_bytes,
+            segment_direct_io: true,
         }
     }
 }
@@ -185,6 +191,7 @@ impl ServerConfig {
             "SCRUB_INTERVAL_SECS" => self.scrub_interval_secs = num(value).map_err(bad)?,
             "SCRUB_BYTES_PER_SEC_MAX" => self.scrub_bytes_per_sec_max = num(value).map_err(bad)?,
             "SEGMENT_BYTES" => self.segment_bytes = num(value).map_err(bad)?,
+            "SEGMENT_DIRECT_IO" => self.segment_direct_io = num(value).map_err(bad)?,
             // Variables of other commands (ORLOP_LOG, ORLOP_STORE_KEY, ...).
             _ => {}
         }

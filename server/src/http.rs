@@ -19,13 +19,21 @@ pub type Resp = Response<RespBody>;
 /// the producer aborts the response (the connection is cut, so a client
 /// never takes a short or damaged body for a whole one).
 pub struct ChannelBody {
-    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    rx: tokio::sync::mpsc::Receiver<Result<Vec<Bytes>, std::io::Error>>,
+    /// Pieces of the last batch received, not yet sent.
+    pending: std::collections::VecDeque<Bytes>,
     len: u64,
 }
 
 impl ChannelBody {
-    pub fn new(rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>, len: u64) -> Self {
-        ChannelBody { rx, len }
+    /// A body fed in batches of pieces (one message per engine read-ahead
+    /// batch: a wake-up per batch, not per piece).
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Result<Vec<Bytes>, std::io::Error>>, len: u64) -> Self {
+        ChannelBody {
+            rx,
+            pending: std::collections::VecDeque::new(),
+            len,
+        }
     }
 }
 
@@ -37,7 +45,17 @@ impl Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+        loop {
+            if let Some(b) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(batch))) => self.pending.extend(batch),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -64,6 +64,15 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError 
 pub fn store_config(cfg: &ServerConfig) -> StoreConfig {
     let mut s = StoreConfig::new(&cfg.data);
     s.segment_bytes = cfg.segment_bytes;
+    // Request bodies arrive in pieces of up to 256 KiB (`routes::uploads`):
+    // two queued per writer keep its threads busy, and 16 streaming uploads
+    // within the memory bound.
+    s.write_pipeline_pieces_max = 2;
+    s.append_mode = if cfg.segment_direct_io {
+        orlop_engine::AppendMode::Direct
+    } else {
+        orlop_engine::AppendMode::Buffered
+    };
     if let Some(k) = &cfg.key_file {
         s.key = KeySource::File(k.clone());
     }

@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
-/// Pieces queued between a request body and its writer thread.
-const WRITER_QUEUE_PIECES: usize = 4;
+/// Pieces (up to 256 KiB each, `routes::uploads`) queued between a request
+/// body and its writer thread.
+const WRITER_QUEUE_PIECES: usize = 2;
 /// Prefix of the tag the engine keeps with a session's held write.
 const TAG_PREFIX: &[u8] = b"orlop-upload-v1\0";
 

@@ -47,6 +47,10 @@ fn every_bench_scenario_runs_against_orlop() {
             "4",
             "--get-secs",
             "1",
+            "--memory-pushes",
+            "6",
+            "--memory-bytes",
+            "2000000",
             "--server-pid",
             &reg.child.id().to_string(),
             "--server-data",
@@ -76,7 +80,8 @@ fn every_bench_scenario_runs_against_orlop() {
             "many-blobs-push",
             "many-blobs-pull",
             "manifests-push",
-            "manifests-get"
+            "manifests-get",
+            "memory-push"
         ]
     );
     for s in &scenarios {
@@ -101,6 +106,16 @@ fn every_bench_scenario_runs_against_orlop() {
     assert_eq!(scenarios[5]["bytes"], 8 * 300_000);
     assert_eq!(scenarios[6]["bytes"], 8 * 300_000);
     assert_eq!(scenarios[7]["ops"], 20);
+    assert_eq!(scenarios[9]["ops"], 6);
+    assert_eq!(scenarios[9]["bytes"], 6 * 2_000_000);
+    // Each scenario reports the server's own peak (VmHWM reset before it).
+    for i in [0, 2, 5, 7, 9] {
+        assert!(
+            scenarios[i]["server_peak_rss_bytes"].as_u64().unwrap_or(0) > 1 << 20,
+            "{:#}",
+            scenarios[i]
+        );
+    }
     assert!(
         v["server_peak_rss_bytes"].as_u64().unwrap_or(0) > 1 << 20,
         "{v:#}"

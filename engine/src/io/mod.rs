@@ -4,10 +4,12 @@
 //! [`UringIo`] (io_uring, when the kernel allows it) and [`FaultIo`]
 //! (torn writes, lost unsynced data, bit flips, EIO; seeded and replayable).
 
+mod aligned;
 mod fault;
 mod pread;
 mod uring;
 
+pub(crate) use aligned::{AlignedBuf, BLOCK_BYTES};
 pub use fault::{FaultConfig, FaultIo};
 pub use pread::PreadIo;
 pub use uring::UringIo;
@@ -29,6 +31,63 @@ pub trait SegmentFile: Send + Sync {
     /// Starts writeback of a written range without waiting for it, so that a
     /// later `sync` has little left to do. A hint: errors are ignored.
     fn start_writeback(&self, _offset: u64, _len: u64) {}
+    /// Writes all of `buf` at `offset`, bypassing the page cache (O_DIRECT)
+    /// where the file system allows it, and as `write_at` elsewhere. The
+    /// caller aligns `buf` (in memory), `offset` and the length to 4096.
+    fn write_direct(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.write_at(buf, offset)
+    }
+}
+
+/// A second descriptor of a file, opened with O_DIRECT on its first direct
+/// write; where the file system refuses O_DIRECT (tmpfs, some FUSE), direct
+/// writes become plain ones through the file's own descriptor.
+pub(crate) struct DirectFd {
+    path: std::path::PathBuf,
+    writable: bool,
+    fd: std::sync::OnceLock<Option<std::fs::File>>,
+}
+
+impl DirectFd {
+    pub fn new(path: &Path, mode: OpenMode) -> Self {
+        DirectFd {
+            path: path.to_path_buf(),
+            writable: mode != OpenMode::ReadOnly,
+            fd: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn fd(&self) -> Option<&std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.fd
+            .get_or_init(|| {
+                match std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(self.writable)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&self.path)
+                {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::info!(path = %self.path.display(), error = %e, "O_DIRECT refused; this segment's I/O goes through the page cache");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    pub fn write(&self, plain: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self.fd() {
+            Some(f) => match f.write_all_at(buf, offset) {
+                // Alignment this file system does not accept: write plainly.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => plain.write_all_at(buf, offset),
+                r => r,
+            },
+            None => plain.write_all_at(buf, offset),
+        }
+    }
 }
 
 /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: queue dirty pages for writeback.

@@ -1,4 +1,4 @@
-use super::{open_std, OpenMode, SegmentFile, SegmentIo};
+use super::{open_std, DirectFd, OpenMode, SegmentFile, SegmentIo};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -8,14 +8,14 @@ use std::sync::Arc;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PreadIo;
 
-struct PreadFile(File);
+struct PreadFile(File, DirectFd);
 
 impl SegmentIo for PreadIo {
     fn name(&self) -> &'static str {
         "pread"
     }
     fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Arc<dyn SegmentFile>> {
-        Ok(Arc::new(PreadFile(open_std(path, mode)?)))
+        Ok(Arc::new(PreadFile(open_std(path, mode)?, DirectFd::new(path, mode))))
     }
     fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
         File::open(dir)?.sync_all()
@@ -40,5 +40,8 @@ impl SegmentFile for PreadFile {
     }
     fn start_writeback(&self, offset: u64, len: u64) {
         super::start_writeback(&self.0, offset, len)
+    }
+    fn write_direct(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.1.write(&self.0, buf, offset)
     }
 }

@@ -1,13 +1,14 @@
 //! io_uring segment I/O. One ring shared by all files of a store, guarded by a
 //! mutex; each call submits one operation and waits for its completion.
 //!
-//! Reads and fdatasync go through the ring. Appends use pwrite(2): on this
-//! kernel and ext4, buffered writes submitted to io_uring are punted to io-wq
+//! Reads and fdatasync go through the ring. Appends use pwrite(2) (O_DIRECT
+//! where allowed, in whole blocks from the segment's stage): on this kernel
+//! and ext4, buffered writes submitted to io_uring are punted to io-wq
 //! worker threads, which cost a thread hand-off per record; measured on the
 //! ingest benchmark, the io-wq threads took about a fifth of all CPU samples
 //! (docs/benchmarks.md).
 
-use super::{open_std, OpenMode, SegmentFile, SegmentIo};
+use super::{open_std, DirectFd, OpenMode, SegmentFile, SegmentIo};
 use io_uring::{opcode, types, IoUring};
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -33,6 +34,7 @@ struct Ring {
 struct UringFile {
     file: File,
     ring: Arc<Ring>,
+    direct: DirectFd,
 }
 
 impl UringIo {
@@ -103,6 +105,7 @@ impl SegmentIo for UringIo {
         Ok(Arc::new(UringFile {
             file: open_std(path, mode)?,
             ring: self.ring.clone(),
+            direct: DirectFd::new(path, mode),
         }))
     }
     fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
@@ -152,5 +155,8 @@ impl SegmentFile for UringFile {
     }
     fn start_writeback(&self, offset: u64, len: u64) {
         super::start_writeback(&self.file, offset, len)
+    }
+    fn write_direct(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.direct.write(&self.file, buf, offset)
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod format;
 mod recovery;
+mod stage;
 
 pub use recovery::{
     footer_mismatch, scan_segment, scan_segment_records, scan_unsealed, walk_headers, ScanResult,
@@ -21,21 +22,32 @@ use format::{
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use stage::Stage;
 use std::sync::{Arc, Mutex, RwLock};
 
 struct Active {
     id: SegmentId,
     file: Arc<dyn SegmentFile>,
+    /// End of the data appended (some of it may still be in `stage`).
     offset: u64,
     record_count: u64,
     data_crc: u32,
-    /// Offset up to which writeback has been started.
-    writeback_from: u64,
+    stage: Stage,
 }
 
-/// Dirty bytes after which writeback of the active segment is started, so
-/// that the commit's fsync does not have to write a whole blob's worth.
-const WRITEBACK_BYTES: u64 = 8 << 20;
+/// The active segment's append buffer (`stage`): appends reach the file in
+/// writes of about this size, and at each sync.
+const STAGE_BYTES: usize = 1 << 20;
+
+/// How segment appends reach the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppendMode {
+    /// Whole blocks from an aligned buffer with O_DIRECT, where the file
+    /// system allows it (the default).
+    Direct,
+    /// The same blocks through the page cache.
+    Buffered,
+}
 
 pub(crate) struct Segments {
     dir: PathBuf,
@@ -43,6 +55,7 @@ pub(crate) struct Segments {
     index: Arc<Index>,
     store_id: [u8; 16],
     segment_bytes: u64,
+    append_mode: AppendMode,
     files: RwLock<HashMap<SegmentId, Arc<dyn SegmentFile>>>,
     active: Mutex<Option<Active>>,
     poisoned: AtomicBool,
@@ -79,6 +92,7 @@ impl Segments {
         index: Arc<Index>,
         store_id: [u8; 16],
         segment_bytes: u64,
+        append_mode: AppendMode,
     ) -> Self {
         Segments {
             dir,
@@ -86,6 +100,7 @@ impl Segments {
             index,
             store_id,
             segment_bytes,
+            append_mode,
             files: RwLock::new(HashMap::new()),
             active: Mutex::new(None),
             poisoned: AtomicBool::new(false),
@@ -189,7 +204,7 @@ impl Segments {
     /// its nonces) again.
     fn write_record(&self, guard: &mut Option<Active>, record: &[u8]) -> Result<()> {
         let a = guard.as_mut().ok_or(Error::Poisoned)?;
-        if let Err(e) = a.file.write_at(record, a.offset) {
+        if let Err(e) = a.stage.push(&*a.file, record) {
             let id = a.id;
             self.poison(&e);
             *guard = None;
@@ -198,11 +213,6 @@ impl Segments {
         a.offset += record.len() as u64;
         a.record_count += 1;
         a.data_crc = format::chain_record_crc(a.data_crc, &record[..RECORD_HEADER_BYTES]);
-        if a.offset - a.writeback_from >= WRITEBACK_BYTES {
-            a.file
-                .start_writeback(a.writeback_from, a.offset - a.writeback_from);
-            a.writeback_from = a.offset;
-        }
         Ok(())
     }
 
@@ -359,7 +369,10 @@ impl Segments {
             store_id: self.store_id,
             segment_bytes: self.segment_bytes,
         };
-        file.write_at(&header.encode(), 0)
+        let mut stage = Stage::new(STAGE_BYTES, self.append_mode == AppendMode::Direct);
+        stage
+            .push(&*file, &header.encode())
+            .and_then(|_| stage.write_all(&*file))
             .and_then(|_| file.sync())
             .map_err(fail)?;
         self.io.sync_dir(&self.dir).map_err(fail)?;
@@ -371,18 +384,22 @@ impl Segments {
             offset: HEADER_BYTES,
             record_count: 0,
             data_crc: 0,
-            writeback_from: 0,
+            stage,
         })
     }
 
-    fn seal(&self, a: Active) -> Result<()> {
+    fn seal(&self, mut a: Active) -> Result<()> {
         let footer = SegmentFooter {
             segment: a.id,
             data_end: a.offset,
             record_count: a.record_count,
             data_crc: a.data_crc,
         };
-        seal_file(&*a.file, self.segment_bytes, &footer).map_err(|e| {
+        let file = a.file.clone();
+        a.stage
+            .write_all(&*file)
+            .and_then(|_| seal_file(&*file, self.segment_bytes, &footer))
+            .map_err(|e| {
             self.poison(&e);
             Error::io(self.path_of(a.id), e)
         })?;
@@ -407,14 +424,21 @@ impl Segments {
     pub fn sync_active(&self) -> Result<Option<(SegmentId, u64)>> {
         self.check_writable()?;
         let (id, file, len) = {
-            let g = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = self.active.lock().unwrap_or_else(|p| p.into_inner());
             // Under the lock: a failed seal or write leaves no active segment
             // and a poisoned store; that must not read as "nothing to sync".
             self.check_writable()?;
-            match g.as_ref() {
-                None => return Ok(None),
-                Some(a) => (a.id, a.file.clone(), a.offset),
+            let Some(a) = g.as_mut() else {
+                return Ok(None);
+            };
+            let (id, file, len) = (a.id, a.file.clone(), a.offset);
+            // Everything appended so far reaches the file before the sync.
+            if let Err(e) = a.stage.write_all(&*file) {
+                self.poison(&e);
+                *g = None;
+                return Err(Error::io(self.path_of(id), e));
             }
+            (id, file, len)
         };
         if let Err(e) = file.sync() {
             self.poison(&e);

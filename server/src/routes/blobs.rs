@@ -11,8 +11,10 @@ use http_body_util::BodyExt;
 use orlop_engine::{BlobInfo, Digest};
 use std::sync::Arc;
 
-/// Verified pieces queued between the engine reader and the connection.
-const READ_QUEUE_PIECES: usize = 4;
+/// Verified batches (each up to the engine's read-ahead, 2 MiB) queued
+/// between the engine reader and the connection, besides the one being
+/// sent and the one being read.
+const READ_QUEUE_BATCHES: usize = 1;
 
 /// The blob, if `repo` links it.
 pub async fn linked_blob(app: &App, repo: &RepoName, d: &Digest) -> ApiResult<BlobInfo> {
@@ -80,7 +82,7 @@ pub async fn stream_blob(app: &App, d: Digest, offset: u64, len: u64) -> ApiResu
         .map_err(|_| ApiError::Unavailable("shutting down".into()))?;
     let idle = app.body_idle();
     let rt = tokio::runtime::Handle::current();
-    let (tx, rx) = tokio::sync::mpsc::channel(READ_QUEUE_PIECES);
+    let (tx, rx) = tokio::sync::mpsc::channel(READ_QUEUE_BATCHES);
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<ApiResult<()>>();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
@@ -91,7 +93,7 @@ pub async fn stream_blob(app: &App, d: Digest, offset: u64, len: u64) -> ApiResu
                 return;
             }
         };
-        let first = match reader.next_piece() {
+        let first = match reader.next_batch() {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(blob = %d, error = %e, "blob read failed");
@@ -111,7 +113,7 @@ pub async fn stream_blob(app: &App, d: Digest, offset: u64, len: u64) -> ApiResu
                     return;
                 }
             }
-            next = match reader.next_piece() {
+            next = match reader.next_batch() {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(blob = %d, error = %e, "blob read failed mid-stream; cutting the response");

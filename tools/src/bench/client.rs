@@ -1,6 +1,7 @@
 //! The load generator's HTTP/1.1 client: one keep-alive connection per
-//! worker (as wrk and real clients use them), request bodies generated as
-//! they are sent, response bodies streamed through SHA-256.
+//! worker (as wrk and real clients use them), request bodies sent from
+//! content made before the clock starts, response bodies compared with it
+//! (or, for the corpus, streamed through SHA-256).
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
@@ -18,48 +19,68 @@ const PIECE_BYTES: usize = 256 * 1024;
 /// No request may take longer than this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// `len` pseudo-random bytes from `seed`, made as they are sent.
-pub struct GenBody {
-    rng: rand::rngs::SmallRng,
-    left: u64,
+/// Pieces generated on separate threads when content is made.
+const GEN_PIECE_BYTES: usize = 4 << 20;
+
+/// Content a scenario sends: `len` pseudo-random bytes (incompressible, as
+/// gzip layers are) from `seed`, made in memory before the clock starts, so
+/// that the client's own work (generating and hashing) is not timed against
+/// the registry. Bodies are zero-copy slices of it, and what is read back
+/// is compared with it byte for byte (stricter than a digest, and cheaper,
+/// so the client takes less of the CPU the registry runs on).
+#[derive(Clone)]
+pub struct Content {
+    pub bytes: Bytes,
+    pub digest: String,
 }
 
-impl GenBody {
-    pub fn new(seed: u64, len: u64) -> Self {
-        GenBody {
-            rng: rand::rngs::SmallRng::seed_from_u64(seed),
-            left: len,
+impl Content {
+    pub fn generate(seed: u64, len: u64) -> Content {
+        let mut buf = vec![0u8; len as usize];
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pieces: Vec<(usize, &mut [u8])> =
+            buf.chunks_mut(GEN_PIECE_BYTES).enumerate().collect();
+        let per = pieces.len().div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            let mut pieces = pieces.into_iter();
+            loop {
+                let group: Vec<_> = pieces.by_ref().take(per).collect();
+                if group.is_empty() {
+                    break;
+                }
+                s.spawn(move || {
+                    for (i, piece) in group {
+                        let piece_seed = seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                        rand::rngs::SmallRng::seed_from_u64(piece_seed).fill_bytes(piece);
+                    }
+                });
+            }
+        });
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&buf)));
+        Content {
+            bytes: Bytes::from(buf),
+            digest,
         }
     }
 
-    fn next_piece(&mut self) -> Option<Bytes> {
-        self.next_piece_upto(PIECE_BYTES)
+    pub fn len(&self) -> u64 {
+        self.bytes.len() as u64
     }
 
-    /// The next piece of the stream, at most `max` bytes.
-    pub fn next_piece_upto(&mut self, max: usize) -> Option<Bytes> {
-        if self.left == 0 || max == 0 {
-            return None;
+    /// The whole content as a request body.
+    pub fn body(&self) -> SliceBody {
+        SliceBody {
+            bytes: self.bytes.clone(),
         }
-        let n = self.left.min(PIECE_BYTES.min(max) as u64) as usize;
-        let mut b = vec![0u8; n];
-        self.rng.fill_bytes(&mut b);
-        self.left -= n as u64;
-        Some(Bytes::from(b))
-    }
-
-    /// The `sha256:` digest of what `GenBody::new(seed, len)` sends.
-    pub fn digest(seed: u64, len: u64) -> String {
-        let mut g = GenBody::new(seed, len);
-        let mut h = sha2::Sha256::new();
-        while let Some(p) = g.next_piece() {
-            h.update(&p);
-        }
-        format!("sha256:{}", hex::encode(h.finalize()))
     }
 }
 
-impl Body for GenBody {
+/// A request body sent from memory in `PIECE_BYTES` frames, without copies.
+pub struct SliceBody {
+    bytes: Bytes,
+}
+
+impl Body for SliceBody {
     type Data = Bytes;
     type Error = std::convert::Infallible;
 
@@ -67,15 +88,19 @@ impl Body for GenBody {
         mut self: Pin<&mut Self>,
         _cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Poll::Ready(self.next_piece().map(|b| Ok(Frame::data(b))))
+        if self.bytes.is_empty() {
+            return Poll::Ready(None);
+        }
+        let n = self.bytes.len().min(PIECE_BYTES);
+        Poll::Ready(Some(Ok(Frame::data(self.bytes.split_to(n)))))
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.left)
+        SizeHint::with_exact(self.bytes.len() as u64)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.left == 0
+        self.bytes.is_empty()
     }
 }
 
@@ -216,6 +241,38 @@ impl Conn {
             bail!("GET {path}: content hashes to {got}");
         }
         Ok(n)
+    }
+}
+
+impl Conn {
+    /// GETs a blob and compares its body with `want` byte for byte; fails
+    /// on a status other than 200, a wrong length, different bytes or a
+    /// `Docker-Content-Digest` that is not `want`'s.
+    pub async fn get_expecting(&mut self, path: &str, want: &Content) -> Result<u64> {
+        let req = self.request("GET", path, &[], Full::new(Bytes::new()))?;
+        let mut resp = self.send(req).await?;
+        if resp.status() != 200 {
+            bail!("GET {path}: status {}", resp.status());
+        }
+        if let Some(d) = resp.headers().get("docker-content-digest") {
+            if d.as_bytes() != want.digest.as_bytes() {
+                bail!("GET {path}: Docker-Content-Digest {d:?}, not {}", want.digest);
+            }
+        }
+        let mut at = 0usize;
+        while let Some(frame) = resp.body_mut().frame().await {
+            if let Ok(data) = frame?.into_data() {
+                let end = at + data.len();
+                if end > want.bytes.len() || want.bytes[at..end] != data[..] {
+                    bail!("GET {path}: bytes {at}..{end} differ from what was pushed");
+                }
+                at = end;
+            }
+        }
+        if at != want.bytes.len() {
+            bail!("GET {path}: {at} bytes, want {}", want.bytes.len());
+        }
+        Ok(at as u64)
     }
 }
 

@@ -4,7 +4,8 @@
 //! monolithically and in chunks, then pulled), `many-blobs` (N blobs pushed
 //! and pulled C at a time), `manifests` (M manifests pushed under tags, then
 //! GET by tag for a fixed time), `images` (a corpus of OCI layouts pushed
-//! and pulled as skopeo does). Every read is verified. Given the server's
+//! and pulled as skopeo does), `memory` (P clients push a large blob at
+//! once, for the server's peak memory). Every read is verified. Given the server's
 //! PID and data directory it also reports the server's CPU seconds per
 //! scenario, its peak RSS and its bytes on disk. Output: a table, or JSON.
 
@@ -24,6 +25,7 @@ pub enum Scenario {
     ManyBlobs,
     Manifests,
     Images,
+    Memory,
 }
 
 #[derive(Args)]
@@ -61,6 +63,12 @@ pub struct BenchArgs {
     /// Seconds of GET by tag (`manifests`).
     #[arg(long, default_value_t = 10)]
     get_secs: u64,
+    /// Concurrent pushes (`memory`).
+    #[arg(long, default_value_t = 64)]
+    memory_pushes: usize,
+    /// Size of each push (`memory`; all send the same content).
+    #[arg(long, default_value_t = 1 << 30)]
+    memory_bytes: u64,
     /// Seed of the generated content (default: from the clock, so content
     /// is new on every run and no registry can deduplicate it away).
     #[arg(long)]
@@ -116,6 +124,12 @@ fn peak_rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Resets a process's peak resident set (VmHWM) to its current size, so
+/// that each scenario reports its own peak (`clear_refs`, Linux 4.0+).
+fn reset_peak_rss(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
 /// Bytes allocated on disk under a directory (sparse files count what they use).
 fn disk_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -145,6 +159,7 @@ fn outcome_json(o: &Outcome) -> serde_json::Value {
         "errors": o.errors,
         "first_error": o.first_error,
         "server_cpu_secs": o.server_cpu_secs,
+        "server_peak_rss_bytes": o.server_peak_rss_bytes,
         "server_disk_bytes_after": o.server_disk_bytes_after,
     })
 }
@@ -169,6 +184,8 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         manifests: a.manifests,
         get_concurrency: a.get_concurrency.max(1),
         get_secs: a.get_secs,
+        memory_pushes: a.memory_pushes.max(1),
+        memory_bytes: a.memory_bytes,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -182,12 +199,14 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         bail!("--scenario images needs --corpus DIR (benches/corpus.py makes one)");
     }
     let mut results: Vec<Outcome> = Vec::new();
+    let mut peak_rss: Option<u64> = None;
     // `images` first: the bytes on disk after it are the corpus's.
     for (s, name) in [
         (Scenario::Images, "images"),
         (Scenario::Blob, "blob"),
         (Scenario::ManyBlobs, "many-blobs"),
         (Scenario::Manifests, "manifests"),
+        (Scenario::Memory, "memory"),
     ] {
         if !wants(s) {
             continue;
@@ -196,6 +215,9 @@ pub fn run(a: BenchArgs) -> Result<i32> {
             eprintln!("bench: {name} ...");
         }
         let cpu_before = a.server_pid.and_then(cpu_secs);
+        if let Some(pid) = a.server_pid {
+            reset_peak_rss(pid);
+        }
         let mut outs = rt.block_on(async {
             match s {
                 Scenario::Blob => scenarios::large_blob(&plan).await,
@@ -204,6 +226,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
                     Some(dir) => images::images(&plan, dir).await,
                     None => Ok(Vec::new()),
                 },
+                Scenario::Memory => scenarios::memory(&plan).await,
                 _ => scenarios::manifests(&plan).await,
             }
         })?;
@@ -211,10 +234,13 @@ pub fn run(a: BenchArgs) -> Result<i32> {
             (Some(b), Some(e)) => Some(e - b),
             _ => None,
         };
-        // The scenario's server CPU goes on its first line, the disk use
-        // after it on every line.
+        // The scenario's server CPU and peak RSS go on its first line, the
+        // disk use after it on every line.
+        let rss = a.server_pid.and_then(peak_rss_bytes);
+        peak_rss = peak_rss.max(rss);
         if let Some(first) = outs.first_mut() {
             first.server_cpu_secs = cpu;
+            first.server_peak_rss_bytes = rss;
         }
         let disk = a.server_data.as_deref().map(disk_bytes);
         for o in &mut outs {
@@ -233,7 +259,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         }
         results.extend(outs);
     }
-    let rss = a.server_pid.and_then(peak_rss_bytes);
+    let rss = peak_rss;
     let disk = a.server_data.as_deref().map(disk_bytes);
     let errors: u64 = results.iter().map(|o| o.errors).sum();
     if a.json {
@@ -247,11 +273,11 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("| scenario | ops | MB/s | ops/s | p50 ms | p99 ms | errors | server CPU s |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("| scenario | ops | MB/s | ops/s | p50 ms | p99 ms | errors | server CPU s | server peak RSS MiB |");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for o in &results {
             println!(
-                "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {} |",
+                "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {} | {} |",
                 o.name,
                 o.ops,
                 o.mb_per_s(),
@@ -261,6 +287,9 @@ pub fn run(a: BenchArgs) -> Result<i32> {
                 o.errors,
                 o.server_cpu_secs
                     .map(|c| format!("{c:.2}"))
+                    .unwrap_or_else(|| "-".into()),
+                o.server_peak_rss_bytes
+                    .map(|r| format!("{:.1}", r as f64 / (1 << 20) as f64))
                     .unwrap_or_else(|| "-".into())
             );
         }

@@ -1,7 +1,7 @@
 //! The load scenarios. Each speaks only the public Registry V2 API, verifies
 //! what it reads, and is bounded in count and time.
 
-use super::client::{path_of, with_query, Conn, GenBody};
+use super::client::{path_of, with_query, Conn, Content};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
@@ -26,6 +26,8 @@ pub struct Outcome {
     pub server_cpu_secs: Option<f64>,
     /// The server's bytes on disk after the scenario (with `--server-data`).
     pub server_disk_bytes_after: Option<u64>,
+    /// The server's peak resident set during the scenario (`--server-pid`).
+    pub server_peak_rss_bytes: Option<u64>,
 }
 
 impl Outcome {
@@ -61,6 +63,8 @@ pub struct Plan {
     pub manifests: usize,
     pub get_concurrency: usize,
     pub get_secs: u64,
+    pub memory_pushes: usize,
+    pub memory_bytes: u64,
 }
 
 /// Gathers results from workers.
@@ -105,6 +109,7 @@ impl Tally {
                 .unwrap_or_else(|p| p.into_inner()),
             server_cpu_secs: None,
             server_disk_bytes_after: None,
+            server_peak_rss_bytes: None,
         }
     }
 }
@@ -136,14 +141,8 @@ async fn start_upload(c: &mut Conn, repo: &str) -> Result<String> {
 }
 
 /// POST a session, then PUT the whole body with `?digest=` (monolithic).
-pub async fn push_monolithic(
-    c: &mut Conn,
-    repo: &str,
-    seed: u64,
-    len: u64,
-    digest: &str,
-) -> Result<()> {
-    put_upload(c, repo, digest, len, GenBody::new(seed, len)).await
+pub async fn push_monolithic(c: &mut Conn, repo: &str, content: &Content) -> Result<()> {
+    put_upload(c, repo, &content.digest, content.len(), content.body()).await
 }
 
 /// POST a session, then PUT `body` (`len` bytes) with `?digest=`, which
@@ -178,26 +177,19 @@ where
 
 /// POST a session, PATCH `chunk` bytes at a time with Content-Range, then
 /// PUT `?digest=` (what docker and skopeo do).
-pub async fn push_chunked(
-    c: &mut Conn,
-    repo: &str,
-    seed: u64,
-    len: u64,
-    chunk: u64,
-    digest: &str,
-) -> Result<()> {
+pub async fn push_chunked(c: &mut Conn, repo: &str, content: &Content, chunk: u64) -> Result<()> {
     let mut loc = start_upload(c, repo).await?;
-    let mut body = GenBody::new(seed, len);
+    let len = content.len();
     let mut sent = 0u64;
     while sent < len {
         let n = chunk.min(len - sent);
-        let piece = body.take(n as usize);
+        let piece = content.bytes.slice(sent as usize..(sent + n) as usize);
         let range = format!("{sent}-{}", sent + n - 1);
         let headers = [
             ("content-type", "application/octet-stream"),
             ("content-range", range.as_str()),
         ];
-        let r = c.call("PATCH", &loc, &headers, Bytes::from(piece)).await?;
+        let r = c.call("PATCH", &loc, &headers, piece).await?;
         expect(r.status, 202, "PATCH", &r.body)?;
         loc = r
             .location
@@ -208,7 +200,7 @@ pub async fn push_chunked(
     let r = c
         .call(
             "PUT",
-            &with_query(&loc, &format!("digest={digest}")),
+            &with_query(&loc, &format!("digest={}", content.digest)),
             &[],
             Bytes::new(),
         )
@@ -216,58 +208,34 @@ pub async fn push_chunked(
     expect(r.status, 201, "PUT chunked", &r.body)
 }
 
-impl GenBody {
-    /// Up to `want` more bytes of the stream (fewer at its end).
-    fn take(&mut self, want: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(want);
-        while out.len() < want {
-            match self.next_piece_upto(want - out.len()) {
-                Some(b) => out.extend_from_slice(&b),
-                None => break,
-            }
-        }
-        out
-    }
-}
-
 /// One large blob pushed monolithically and in chunks, then pulled back
-/// with its digest checked.
+/// and compared with what was pushed.
 pub async fn large_blob(p: &Plan) -> Result<Vec<Outcome>> {
     let mut c = Conn::open(&p.host).await?;
     let mut out = Vec::new();
-    let seed = p.seed ^ 0x1111;
-    let digest = GenBody::digest(seed, p.blob_bytes);
+    let content = Content::generate(p.seed ^ 0x1111, p.blob_bytes);
     let t = Instant::now();
     let tally = Tally::default();
-    match push_monolithic(&mut c, &p.repo, seed, p.blob_bytes, &digest).await {
+    match push_monolithic(&mut c, &p.repo, &content).await {
         Ok(()) => tally.ok(p.blob_bytes, t),
         Err(e) => tally.fail(e),
     }
     out.push(tally.outcome("blob-push", t.elapsed().as_secs_f64()));
 
-    let seed2 = p.seed ^ 0x2222;
-    let digest2 = GenBody::digest(seed2, p.blob_bytes);
+    let content2 = Content::generate(p.seed ^ 0x2222, p.blob_bytes);
     let t = Instant::now();
     let tally = Tally::default();
-    match push_chunked(
-        &mut c,
-        &p.repo,
-        seed2,
-        p.blob_bytes,
-        p.chunk_bytes,
-        &digest2,
-    )
-    .await
-    {
+    match push_chunked(&mut c, &p.repo, &content2, p.chunk_bytes).await {
         Ok(()) => tally.ok(p.blob_bytes, t),
         Err(e) => tally.fail(e),
     }
     out.push(tally.outcome("blob-push-chunked", t.elapsed().as_secs_f64()));
+    drop(content2);
 
     let t = Instant::now();
     let tally = Tally::default();
-    let path = format!("/v2/{}/blobs/{digest}", p.repo);
-    match c.get_verified(&path, &digest).await {
+    let path = format!("/v2/{}/blobs/{}", p.repo, content.digest);
+    match c.get_expecting(&path, &content).await {
         Ok(n) => tally.ok(n, t),
         Err(e) => tally.fail(e),
     }
@@ -332,31 +300,27 @@ async fn reopen_if_closed(conn: Conn, host: &str, tally: &Tally) -> Option<Conn>
 /// every registry supports) and pulled back with digests checked,
 /// `concurrency` at a time.
 pub async fn many_blobs(p: &Plan) -> Result<Vec<Outcome>> {
-    let seeds: Arc<Vec<(u64, String)>> = Arc::new(
+    let contents: Arc<Vec<Content>> = Arc::new(
         (0..p.blobs)
-            .map(|i| {
-                let seed = p.seed ^ (0x3333_0000 + i as u64);
-                (seed, GenBody::digest(seed, p.blob_size))
-            })
+            .map(|i| Content::generate(p.seed ^ (0x3333_0000 + i as u64), p.blob_size))
             .collect(),
     );
-    let (repo, size) = (p.repo.clone(), p.blob_size);
+    let repo = p.repo.clone();
     let tally = Arc::new(Tally::default());
     let t = Instant::now();
     {
-        let (seeds, repo) = (seeds.clone(), repo.clone());
+        let (contents, repo) = (contents.clone(), repo.clone());
         fan_out(
             &p.host,
             p.blobs,
             p.concurrency,
             &tally,
             move |mut c, i, tally| {
-                let (seeds, repo) = (seeds.clone(), repo.clone());
+                let (contents, repo) = (contents.clone(), repo.clone());
                 async move {
-                    let (seed, digest) = &seeds[i];
                     let started = Instant::now();
-                    match push_monolithic(&mut c, &repo, *seed, size, digest).await {
-                        Ok(()) => tally.ok(size, started),
+                    match push_monolithic(&mut c, &repo, &contents[i]).await {
+                        Ok(()) => tally.ok(contents[i].len(), started),
                         Err(e) => tally.fail(e),
                     }
                     c
@@ -376,12 +340,12 @@ pub async fn many_blobs(p: &Plan) -> Result<Vec<Outcome>> {
         p.concurrency,
         &tally,
         move |mut c, i, tally| {
-            let (seeds, repo) = (seeds.clone(), repo.clone());
+            let (contents, repo) = (contents.clone(), repo.clone());
             async move {
-                let digest = &seeds[i].1;
+                let want = &contents[i];
                 let started = Instant::now();
                 match c
-                    .get_verified(&format!("/v2/{repo}/blobs/{digest}"), digest)
+                    .get_expecting(&format!("/v2/{repo}/blobs/{}", want.digest), want)
                     .await
                 {
                     Ok(n) => tally.ok(n, started),
@@ -396,6 +360,64 @@ pub async fn many_blobs(p: &Plan) -> Result<Vec<Outcome>> {
     let pull = Arc::try_unwrap(tally).map_err(|_| anyhow::anyhow!("tally still shared"))?;
     out.push(pull.outcome("many-blobs-pull", secs));
     Ok(out)
+}
+
+/// `pushes` clients at once each push the same `bytes`-byte blob in one
+/// PATCH (as docker does), then PUT; for the server's peak memory under
+/// many concurrent large uploads. The content is shared so that the disk
+/// needs one copy on a deduplicating store, and the client one buffer.
+pub async fn memory(p: &Plan) -> Result<Vec<Outcome>> {
+    let content = Arc::new(Content::generate(p.seed ^ 0x4444, p.memory_bytes));
+    let repo = p.repo.clone();
+    let tally = Arc::new(Tally::default());
+    let t = Instant::now();
+    fan_out(
+        &p.host,
+        p.memory_pushes,
+        p.memory_pushes,
+        &tally,
+        move |mut c, _i, tally| {
+            let (content, repo) = (content.clone(), repo.clone());
+            async move {
+                let started = Instant::now();
+                match push_patched(&mut c, &repo, &content).await {
+                    Ok(()) => tally.ok(content.len(), started),
+                    Err(e) => tally.fail(e),
+                }
+                c
+            }
+        },
+    )
+    .await?;
+    let secs = t.elapsed().as_secs_f64();
+    let push = Arc::try_unwrap(tally).map_err(|_| anyhow::anyhow!("tally still shared"))?;
+    Ok(vec![push.outcome("memory-push", secs)])
+}
+
+/// POST a session, PATCH the whole body streamed (no Content-Range), then
+/// PUT `?digest=`.
+async fn push_patched(c: &mut Conn, repo: &str, content: &Content) -> Result<()> {
+    let loc = start_upload(c, repo).await?;
+    let len_s = content.len().to_string();
+    let headers = [
+        ("content-type", "application/octet-stream"),
+        ("content-length", len_s.as_str()),
+    ];
+    let r = c.send_body("PATCH", &loc, &headers, content.body()).await?;
+    expect(r.status, 202, "PATCH", &r.body)?;
+    let loc = r
+        .location
+        .map(|l| path_of(&l))
+        .context("PATCH without a Location")?;
+    let r = c
+        .call(
+            "PUT",
+            &with_query(&loc, &format!("digest={}", content.digest)),
+            &[],
+            Bytes::new(),
+        )
+        .await?;
+    expect(r.status, 201, "PUT after PATCH", &r.body)
 }
 
 /// The manifest of image number `i` (over one shared config and layer).
