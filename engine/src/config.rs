@@ -114,6 +114,12 @@ pub struct StoreConfig {
     /// ...and bytes (of plaintext): one batch is read with one read per
     /// run of records that are back to back in a segment.
     pub read_ahead_bytes: usize,
+    /// Bulk reads (a blob's spans) bypass the page cache (O_DIRECT), as
+    /// direct appends do; false reads through it.
+    pub read_direct: bool,
+    /// Threads that read a blob reader's next batch while it opens the
+    /// current one.
+    pub read_threads: usize,
     /// Extra RocksDB column families owned by layers above the engine.
     pub extra_column_families: Vec<String>,
     /// Commit-path timings, for the server's metrics.
@@ -135,6 +141,8 @@ impl StoreConfig {
             group_commit_requests_max: 256,
             read_ahead_chunks: 256,
             read_ahead_bytes: 2 << 20,
+            read_direct: true,
+            read_threads: 4,
             extra_column_families: Vec::new(),
             observer: None,
         }
@@ -164,6 +172,7 @@ impl StoreConfig {
             || self.group_commit_requests_max == 0
             || self.read_ahead_chunks == 0
             || self.read_ahead_bytes == 0
+            || self.read_threads == 0
         {
             return Err(Error::Config("queue bounds must be at least 1".into()));
         }

@@ -20,6 +20,7 @@ mod journal;
 mod keys;
 mod pace;
 mod read;
+mod readpool;
 mod rebuild;
 mod repair;
 mod scrub;

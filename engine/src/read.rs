@@ -240,6 +240,8 @@ pub struct BlobReader {
     end: u64,
     ready: VecDeque<Bytes>,
     current: Bytes,
+    /// The next batch, its span reads already queued (see [`crate::span`]).
+    ahead: Option<(Vec<(u64, RecipeEntry)>, crate::span::Pending)>,
 }
 
 impl BlobReader {
@@ -285,6 +287,7 @@ impl BlobReader {
             end,
             ready: VecDeque::new(),
             current: Bytes::new(),
+            ahead: None,
         };
         r.seek_part()?;
         Ok(r)
@@ -339,8 +342,9 @@ impl BlobReader {
         v.map(|v| RecipePart::decode(&v)).transpose()
     }
 
-    /// Decodes the next batch of chunks that overlap the range, in parallel.
-    fn fill(&mut self) -> Result<()> {
+    /// The next batch of recipe entries that overlap the range (each with
+    /// its blob offset), up to the read-ahead bounds; empty at the end.
+    fn collect(&mut self) -> Result<Vec<(u64, RecipeEntry)>> {
         let mut batch: Vec<(u64, RecipeEntry)> = Vec::new();
         let mut batch_bytes = 0usize;
         while batch.len() < self.inner.cfg.read_ahead_chunks
@@ -374,13 +378,28 @@ impl BlobReader {
                 batch.push((start, e));
             }
         }
-        let inner = &*self.inner;
-        let decoded: Vec<Result<Bytes>> = if batch.len() > 1 {
-            let entries: Vec<RecipeEntry> = batch.iter().map(|(_, e)| *e).collect();
-            crate::span::load_batch(inner, &entries)
-        } else {
-            batch.iter().map(|(_, e)| fetch_chunk(inner, e)).collect()
+        Ok(batch)
+    }
+
+    /// Decodes the next batch of chunks that overlap the range, having
+    /// first queued the reads of the batch after it.
+    fn fill(&mut self) -> Result<()> {
+        let (batch, pending) = match self.ahead.take() {
+            Some(a) => a,
+            None => {
+                let b = self.collect()?;
+                let entries: Vec<RecipeEntry> = b.iter().map(|(_, e)| *e).collect();
+                let p = crate::span::start(&self.inner, &entries, false);
+                (b, p)
+            }
         };
+        if self.queue_pos < self.end {
+            let next = self.collect()?;
+            let entries: Vec<RecipeEntry> = next.iter().map(|(_, e)| *e).collect();
+            self.ahead = Some((next, crate::span::start(&self.inner, &entries, true)));
+        }
+        let entries: Vec<RecipeEntry> = batch.iter().map(|(_, e)| *e).collect();
+        let decoded = crate::span::finish(&self.inner, &entries, pending);
         for ((start, _), d) in batch.iter().zip(decoded) {
             let d = d?;
             let from = self.pos.saturating_sub(*start).min(d.len() as u64) as usize;

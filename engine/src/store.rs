@@ -66,6 +66,8 @@ pub(crate) struct Inner {
     /// Held by the committer from appending journal records until its index
     /// batch is written (see `journal::is_live`).
     pub journal_lock: Mutex<()>,
+    /// Reads spans ahead of the blob readers (see [`crate::readpool`]).
+    pub read_pool: crate::readpool::ReadPool,
 }
 
 /// The live writers: each one's *floor* (the lowest segment its appends,
@@ -253,6 +255,8 @@ impl Store {
         }
         let next_recipe = index.meta_u64(META_NEXT_RECIPE)?.unwrap_or(1);
         let (tx, rx) = crossbeam_channel::bounded(cfg.group_commit_requests_max * 4);
+        let read_pool = crate::readpool::ReadPool::new(cfg.read_threads)
+            .map_err(|e| Error::io(&dir, e))?;
         let inner = Arc::new(Inner {
             cipher: ChunkCipher::new(&key.encryption_key(&store_id)),
             naming_key: sub.naming,
@@ -266,6 +270,7 @@ impl Store {
             retiring: RwLock::new(HashSet::new()),
             retiring_any: AtomicBool::new(false),
             journal_lock: Mutex::new(()),
+            read_pool,
         });
         let committer = if inner.cfg.read_only {
             None

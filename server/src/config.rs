@@ -66,8 +66,9 @@ pub struct ServerConfig {
     pub segment_bytes: u64,
     /// Appends reach segment files with O_DIRECT (in whole blocks from an
     /// aligned buffer), bypassing the page cache; `false` writes the same
-    /// blocks through the page cache. File systems that refuse O_DIRECT
-    /// get buffered writes either way.
+    /// blocks through the page cache. Blob reads follow: direct reads of
+    /// whole spans, or reads through the page cache. File systems that
+    /// refuse O_DIRECT get buffered I/O either way.
     pub segment_direct_io: bool,
 }
 

@@ -73,6 +73,7 @@ pub fn store_config(cfg: &ServerConfig) -> StoreConfig {
     } else {
         orlop_engine::AppendMode::Buffered
     };
+    s.read_direct = cfg.segment_direct_io;
     if let Some(k) = &cfg.key_file {
         s.key = KeySource::File(k.clone());
     }

@@ -37,6 +37,13 @@ pub trait SegmentFile: Send + Sync {
     fn write_direct(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         self.write_at(buf, offset)
     }
+    /// Fills all of `buf` from `offset`, bypassing the page cache
+    /// (O_DIRECT) where the file system allows it, and as `read_at`
+    /// elsewhere; a short file is `UnexpectedEof`. The caller aligns `buf`
+    /// (in memory), `offset` and the length to 4096.
+    fn read_direct(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.read_at(buf, offset)
+    }
 }
 
 /// A second descriptor of a file, opened with O_DIRECT on its first direct
@@ -86,6 +93,21 @@ impl DirectFd {
                 r => r,
             },
             None => plain.write_all_at(buf, offset),
+        }
+    }
+
+    pub fn read(&self, plain: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self.fd() {
+            Some(f) => match f.read_exact_at(buf, offset) {
+                // Alignment this file system does not accept, or a file
+                // that ends inside the last block (the short read leaves an
+                // unaligned remainder): read plainly, which reports a short
+                // file as UnexpectedEof.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => plain.read_exact_at(buf, offset),
+                r => r,
+            },
+            None => plain.read_exact_at(buf, offset),
         }
     }
 }

@@ -44,4 +44,7 @@ impl SegmentFile for PreadFile {
     fn write_direct(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         self.1.write(&self.0, buf, offset)
     }
+    fn read_direct(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.1.read(&self.0, buf, offset)
+    }
 }

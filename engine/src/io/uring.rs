@@ -159,4 +159,7 @@ impl SegmentFile for UringFile {
     fn write_direct(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         self.direct.write(&self.file, buf, offset)
     }
+    fn read_direct(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.direct.read(&self.file, buf, offset)
+    }
 }
