@@ -23,9 +23,9 @@
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, SegmentId};
 use crate::index::codec::{Location, RecipeEntry};
-use crate::io::{AlignedBuf, BLOCK_BYTES};
+use crate::io::BLOCK_BYTES;
 use crate::read::{check_chunk_header, fetch_chunk, open_in_place, Plain};
-use crate::readpool::{Ahead, ReadJob};
+use crate::readpool::{Ahead, ReadJob, SpanBuf};
 use crate::segment::format::RecordHeader;
 use crate::store::Inner;
 use bytes::Bytes;
@@ -51,14 +51,6 @@ pub(crate) struct Pending {
     spans: Vec<(Span, Option<(Ahead, u64)>)>,
 }
 
-/// Loads every chunk of `batch`, in order. Each result is the chunk's
-/// plaintext, or the error [`fetch_chunk`] gives for it.
-#[allow(dead_code)]
-pub(crate) fn load_batch(inner: &Inner, batch: &[RecipeEntry]) -> Vec<Result<Bytes>> {
-    let p = start(inner, batch, false);
-    finish(inner, batch, p)
-}
-
 /// Plans `batch`'s span reads; with `ahead`, queues them on the read pool
 /// (else they run in [`finish`]).
 pub(crate) fn start(inner: &Inner, batch: &[RecipeEntry], ahead: bool) -> Pending {
@@ -70,7 +62,7 @@ pub(crate) fn start(inner: &Inner, batch: &[RecipeEntry], ahead: bool) -> Pendin
                 let a = if ahead {
                     inner.read_pool.submit(job)
                 } else {
-                    Ahead::Later(job)
+                    inner.read_pool.later(job)
                 };
                 (a, at)
             });
@@ -80,7 +72,8 @@ pub(crate) fn start(inner: &Inner, batch: &[RecipeEntry], ahead: bool) -> Pendin
     Pending { locs, spans }
 }
 
-/// Waits for `batch`'s reads and opens its chunks, in order.
+/// Waits for `batch`'s reads and opens its chunks, in order. Each result
+/// is the chunk's plaintext, or the error [`fetch_chunk`] gives for it.
 pub(crate) fn finish(inner: &Inner, batch: &[RecipeEntry], p: Pending) -> Vec<Result<Bytes>> {
     let mut out: Vec<Option<Result<Bytes>>> = (0..batch.len()).map(|_| None).collect();
     let Pending { locs, spans } = p;
@@ -159,7 +152,7 @@ fn open_span(
     batch: &[RecipeEntry],
     locs: &[Option<Location>],
     span: &Span,
-    mut buf: AlignedBuf,
+    mut buf: SpanBuf,
     aligned_start: u64,
 ) -> Vec<(usize, Option<Bytes>)> {
     // Split the span into one mutable slice per record (back to back).

@@ -72,7 +72,9 @@ struct WorkerSummary {
 
 /// What flows from the caller into the cutting stage.
 enum Input {
-    Piece(Bytes),
+    /// Consecutive pieces of the blob, handed on together (one hand-off
+    /// for many small pieces, without copying them into one).
+    Pieces(Vec<Bytes>),
     /// Cut what is buffered (a forced boundary), drain the pipeline, and
     /// report the counters once every chunk so far is appended and staged.
     Flush(Sender<Result<WorkerSummary>>),
@@ -263,14 +265,25 @@ impl BlobWriter {
 
     /// Appends a piece. Blocks when the pipeline is full (backpressure).
     pub fn write(&mut self, piece: Bytes) -> Result<()> {
-        if piece.is_empty() {
+        self.write_pieces(vec![piece])
+    }
+
+    /// Appends consecutive pieces as one step of the pipeline (a request
+    /// body's frames, say): one hand-off to the chunking thread, which
+    /// copies them into its window, instead of one per piece or a copy
+    /// into one piece first. Blocks when the pipeline is full.
+    pub fn write_pieces(&mut self, mut pieces: Vec<Bytes>) -> Result<()> {
+        pieces.retain(|p| !p.is_empty());
+        if pieces.is_empty() {
             return Ok(());
         }
-        if let Some(h) = self.hasher.as_mut() {
-            h.update(&piece);
+        for p in &pieces {
+            if let Some(h) = self.hasher.as_mut() {
+                h.update(p);
+            }
+            self.size += p.len() as u64;
         }
-        self.size += piece.len() as u64;
-        self.send(Input::Piece(piece))
+        self.send(Input::Pieces(pieces))
     }
 
     /// Makes every byte written so far durable and keeps the write across
@@ -572,7 +585,11 @@ impl<'a> CutStage<'a> {
         let mut chunker = Chunker::new(self.inner.cfg.chunk);
         while let Ok(msg) = rx.recv() {
             match msg {
-                Input::Piece(piece) => chunker.push(&piece, &mut |c| self.push(c))?,
+                Input::Pieces(pieces) => {
+                    for piece in pieces {
+                        chunker.push(&piece, &mut |c| self.push(c))?;
+                    }
+                }
                 Input::Flush(reply) => {
                     let r = self.flush(&mut chunker);
                     let failed = r.is_err();

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
-/// Pieces (up to 256 KiB each, `routes::uploads`) queued between a request
-/// body and its writer thread.
+/// Groups of body frames (about 256 KiB each, `routes::uploads`) queued
+/// between a request body and its writer thread.
 const WRITER_QUEUE_PIECES: usize = 2;
 /// Prefix of the tag the engine keeps with a session's held write.
 const TAG_PREFIX: &[u8] = b"orlop-upload-v1\0";
@@ -43,7 +43,7 @@ pub fn parse_tag(tag: &[u8]) -> Option<(RepoName, String)> {
 }
 
 enum Cmd {
-    Piece(Bytes),
+    Pieces(Vec<Bytes>),
     /// Makes everything so far durable; replies with the bytes held.
     Checkpoint(oneshot::Sender<ApiResult<u64>>),
     Commit(Option<Digest>, oneshot::Sender<ApiResult<BlobInfo>>),
@@ -90,9 +90,10 @@ impl WriterTask {
         self.discard.clone()
     }
 
-    pub async fn write(&self, piece: Bytes) -> ApiResult<()> {
+    /// Sends consecutive pieces of the body, to be written as one step.
+    pub async fn write(&self, pieces: Vec<Bytes>) -> ApiResult<()> {
         self.tx
-            .send(Cmd::Piece(piece))
+            .send(Cmd::Pieces(pieces))
             .await
             .map_err(|_| Self::gone())
     }
@@ -150,9 +151,9 @@ fn writer_thread(
     };
     while let Some(cmd) = rx.blocking_recv() {
         match cmd {
-            Cmd::Piece(b) => {
+            Cmd::Pieces(b) => {
                 if let (Some(w), None) = (writer.as_mut(), &failed) {
-                    if let Err(e) = w.write(b) {
+                    if let Err(e) = w.write_pieces(b) {
                         failed = Some(e.into());
                     }
                 }

@@ -123,6 +123,13 @@ enum Cmd {
     Keygen { path: PathBuf },
 }
 
+/// jemalloc: under many concurrent uploads and downloads (threads that
+/// allocate and free MiB-sized buffers), glibc's per-thread arenas kept
+/// 300-470 MiB resident after a 16-way many-blobs run whose live data is
+/// well under 200 MiB; jemalloc returns freed pages as it goes.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     let cli = Cli::parse();
     // The server logs one line per request by default; the tools only warnings.
