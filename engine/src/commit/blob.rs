@@ -78,7 +78,7 @@ pub(super) fn commit_blob(
                 Some(mut c) => {
                     c.refs += 1;
                     // Stored in a segment a compaction is emptying: this
-                    // writer stored a fresh copy (see write.rs), which
+                    // writer stored a fresh copy (see write/pipeline.rs), which
                     // becomes the chunk's home, so compaction may not have
                     // copied it (it had no references when it looked).
                     // A quarantined chunk likewise: the fresh copy restores it.
