@@ -242,6 +242,9 @@ pub struct BlobReader {
     current: Bytes,
     /// The next batch, its span reads already queued (see [`crate::span`]).
     ahead: Option<(Vec<(u64, RecipeEntry)>, crate::span::Pending)>,
+    /// A batch failed: the reader's position is no longer known, so every
+    /// later call fails too (rather than return bytes from the wrong place).
+    failed: bool,
 }
 
 impl BlobReader {
@@ -288,6 +291,7 @@ impl BlobReader {
             ready: VecDeque::new(),
             current: Bytes::new(),
             ahead: None,
+            failed: false,
         };
         r.seek_part()?;
         Ok(r)
@@ -438,7 +442,16 @@ impl BlobReader {
             if self.pos >= self.end {
                 return Ok(None);
             }
-            self.fill()?;
+            if self.failed {
+                return Err(Error::io(
+                    "blob reader",
+                    std::io::Error::other("an earlier read of this range failed"),
+                ));
+            }
+            if let Err(e) = self.fill() {
+                self.failed = true;
+                return Err(e);
+            }
         }
         match self.ready.pop_front() {
             Some(b) => {

@@ -91,7 +91,9 @@ impl Index {
         // 1.1 x a memtable (16 MiB on disk for a WAL holding 0.3 MiB after
         // the image corpus) and the MANIFEST to 4 MiB, disk that operators
         // see in use. Appends extend the files instead. (`allow_fallocate`
-        // has no setter in the `rocksdb` crate; its options string has it.)
+        // has no setter in the `rocksdb` crate; its options string has it.
+        // This must stay the first call: it copies only RocksDB's own state
+        // into new Options, so setters called before it would be lost.)
         let mut opts = Options::default()
             .get_options_from_string("allow_fallocate=false")?;
         opts.set_manifest_preallocation_size(64 << 10);
@@ -100,10 +102,10 @@ impl Index {
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(4);
         opts.set_db_write_buffer_size(MEMTABLES_BYTES_MAX);
-        // RocksDB preallocates (fallocate) each WAL file to 1.1 x a
-        // memtable, at most this: disk that operators see in use (68 MiB
-        // on a 137 MiB store before). Past it, the oldest memtables are
-        // flushed, every ~13 GB of ingest at ~80 index bytes per chunk.
+        // WAL files in all, at most this (they were also preallocated to
+        // 1.1 x a memtable before fallocate was turned off above). Past
+        // it, the oldest memtables are flushed, every ~13 GB of ingest at
+        // ~80 index bytes per chunk.
         opts.set_max_total_wal_size(WAL_BYTES_MAX);
         let descs = ENGINE_CFS
             .iter()

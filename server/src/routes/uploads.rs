@@ -51,14 +51,56 @@ async fn stream_permit(app: &App) -> ApiResult<tokio::sync::SemaphorePermit<'_>>
 /// down the write pipeline. The pipeline's memory bound scales with it.
 const PIECE_BYTES: usize = 256 * 1024;
 
+/// Frames smaller than this are copied into one piece rather than handed on
+/// one by one: a body of tiny chunks (1-byte chunked encoding, say) must
+/// not turn into hundreds of thousands of `Bytes` per group, each holding
+/// a slice of hyper's read buffer.
+const SMALL_FRAME_BYTES: usize = 16 * 1024;
+/// Frames in one group, at most (with the small ones copied together).
+const GROUP_FRAMES_MAX: usize = 64;
+
+/// Body frames gathered for one hand-off to the writer.
+#[derive(Default)]
+struct Group {
+    frames: Vec<bytes::Bytes>,
+    /// Small frames, copied together.
+    small: bytes::BytesMut,
+    bytes: usize,
+}
+
+impl Group {
+    fn add(&mut self, piece: bytes::Bytes) {
+        self.bytes += piece.len();
+        if piece.len() < SMALL_FRAME_BYTES {
+            self.small.extend_from_slice(&piece);
+            if self.small.len() >= SMALL_FRAME_BYTES {
+                self.frames.push(self.small.split().freeze());
+            }
+            return;
+        }
+        if !self.small.is_empty() {
+            self.frames.push(self.small.split().freeze());
+        }
+        self.frames.push(piece);
+    }
+
+    /// The frames so far, in order; the group starts again empty.
+    fn take(&mut self) -> Vec<bytes::Bytes> {
+        if !self.small.is_empty() {
+            self.frames.push(self.small.split().freeze());
+        }
+        self.bytes = 0;
+        std::mem::take(&mut self.frames)
+    }
+}
+
 /// Streams a request body into a writer; returns the bytes it carried.
 /// `before` is what the upload already holds (the size bound is per blob).
 /// The caller holds a streaming permit.
 async fn pump(app: &App, body: &mut Incoming, w: &WriterTask, before: u64) -> ApiResult<u64> {
     let limit = app.cfg.blob_bytes_max;
     let mut n = 0u64;
-    let mut gathered: Vec<bytes::Bytes> = Vec::new();
-    let mut gathered_bytes = 0usize;
+    let mut group = Group::default();
     while let Some(piece) = next_data(body, app.body_idle()).await? {
         n += piece.len() as u64;
         if before.saturating_add(n) > limit {
@@ -68,15 +110,14 @@ async fn pump(app: &App, body: &mut Incoming, w: &WriterTask, before: u64) -> Ap
             });
         }
         app.metrics.received_bytes.inc_by(piece.len() as u64);
-        gathered_bytes += piece.len();
-        gathered.push(piece);
-        if gathered_bytes >= PIECE_BYTES {
-            w.write(std::mem::take(&mut gathered)).await?;
-            gathered_bytes = 0;
+        group.add(piece);
+        if group.bytes >= PIECE_BYTES || group.frames.len() >= GROUP_FRAMES_MAX {
+            w.write(group.take()).await?;
         }
     }
-    if !gathered.is_empty() {
-        w.write(gathered).await?;
+    let last = group.take();
+    if !last.is_empty() {
+        w.write(last).await?;
     }
     Ok(n)
 }
