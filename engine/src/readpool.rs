@@ -204,9 +204,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("f");
         // Two whole blocks and a partial third.
-        let data: Vec<u8> = (0..(2 * BLOCK_BYTES + 100)).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..(2 * BLOCK_BYTES + 100))
+            .map(|i| (i % 251) as u8)
+            .collect();
         std::fs::write(&path, &data).unwrap_or_else(|e| panic!("{e}"));
-        let file = PreadIo.open(&path, OpenMode::ReadOnly).unwrap_or_else(|e| panic!("{e}"));
+        let file = PreadIo
+            .open(&path, OpenMode::ReadOnly)
+            .unwrap_or_else(|e| panic!("{e}"));
         let pool = ReadPool::new(2).unwrap_or_else(|e| panic!("{e}"));
         for direct in [true, false] {
             let job = |start: u64, exact: (u64, u64)| ReadJob {
@@ -218,7 +222,10 @@ mod tests {
             };
             // The last block is short: the exact bytes come back.
             let exact = (BLOCK_BYTES as u64 + 10, data.len() as u64);
-            for ahead in [pool.submit(job(BLOCK_BYTES as u64, exact)), pool.later(job(BLOCK_BYTES as u64, exact))] {
+            for ahead in [
+                pool.submit(job(BLOCK_BYTES as u64, exact)),
+                pool.later(job(BLOCK_BYTES as u64, exact)),
+            ] {
                 let buf = ahead.wait().unwrap_or_else(|e| panic!("{e}"));
                 let got = &buf.as_slice()[10..data.len() - BLOCK_BYTES];
                 assert_eq!(got, &data[BLOCK_BYTES + 10..]);

@@ -114,7 +114,11 @@ fn plan(inner: &Inner, batch: &[RecipeEntry]) -> (Vec<Option<Location>>, Vec<Spa
         let Some(loc) = loc else { continue };
         let (start, end) = (loc.offset as u64, loc.offset as u64 + loc.record_len());
         match spans.last_mut() {
-            Some(s) if s.segment == loc.segment && s.end == start && end - s.start <= SPAN_BYTES_MAX => {
+            Some(s)
+                if s.segment == loc.segment
+                    && s.end == start
+                    && end - s.start <= SPAN_BYTES_MAX =>
+            {
                 s.end = end;
                 s.members.push(i);
             }

@@ -28,7 +28,10 @@ pub struct ChannelBody {
 impl ChannelBody {
     /// A body fed in batches of pieces (one message per engine read-ahead
     /// batch: a wake-up per batch, not per piece).
-    pub fn new(rx: tokio::sync::mpsc::Receiver<Result<Vec<Bytes>, std::io::Error>>, len: u64) -> Self {
+    pub fn new(
+        rx: tokio::sync::mpsc::Receiver<Result<Vec<Bytes>, std::io::Error>>,
+        len: u64,
+    ) -> Self {
         ChannelBody {
             rx,
             pending: std::collections::VecDeque::new(),

@@ -94,8 +94,7 @@ impl Index {
         // has no setter in the `rocksdb` crate; its options string has it.
         // This must stay the first call: it copies only RocksDB's own state
         // into new Options, so setters called before it would be lost.)
-        let mut opts = Options::default()
-            .get_options_from_string("allow_fallocate=false")?;
+        let mut opts = Options::default().get_options_from_string("allow_fallocate=false")?;
         opts.set_manifest_preallocation_size(64 << 10);
         opts.create_if_missing(!read_only);
         opts.create_missing_column_families(!read_only);

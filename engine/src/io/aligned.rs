@@ -57,7 +57,6 @@ impl Drop for AlignedBuf {
     }
 }
 
-
 impl AsRef<[u8]> for AlignedBuf {
     fn as_ref(&self) -> &[u8] {
         self.as_slice()

@@ -104,7 +104,9 @@ impl DirectFd {
                 // that ends inside the last block (the short read leaves an
                 // unaligned remainder): read plainly, which reports a short
                 // file as UnexpectedEof.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => plain.read_exact_at(buf, offset),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    plain.read_exact_at(buf, offset)
+                }
                 r => r,
             },
             None => plain.read_exact_at(buf, offset),

@@ -15,7 +15,10 @@ impl SegmentIo for PreadIo {
         "pread"
     }
     fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Arc<dyn SegmentFile>> {
-        Ok(Arc::new(PreadFile(open_std(path, mode)?, DirectFd::new(path, mode))))
+        Ok(Arc::new(PreadFile(
+            open_std(path, mode)?,
+            DirectFd::new(path, mode),
+        )))
     }
     fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
         File::open(dir)?.sync_all()

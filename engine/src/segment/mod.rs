@@ -19,10 +19,10 @@ use crate::io::{OpenMode, SegmentFile, SegmentIo};
 use format::{
     RecordHeader, SegmentFooter, SegmentHeader, FOOTER_BYTES, HEADER_BYTES, RECORD_HEADER_BYTES,
 };
+use stage::Stage;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use stage::Stage;
 use std::sync::{Arc, Mutex, RwLock};
 
 struct Active {
@@ -400,9 +400,9 @@ impl Segments {
             .write_all(&*file)
             .and_then(|_| seal_file(&*file, self.segment_bytes, &footer))
             .map_err(|e| {
-            self.poison(&e);
-            Error::io(self.path_of(a.id), e)
-        })?;
+                self.poison(&e);
+                Error::io(self.path_of(a.id), e)
+            })?;
         let mut batch = rocksdb::WriteBatch::default();
         batch.put_cf(
             self.index.cf(CF_SEGMENTS)?,

@@ -127,9 +127,7 @@ mod tests {
             .enumerate()
         {
             let piece: Vec<u8> = (0..n).map(|j| (i * 31 + j) as u8 | 1).collect();
-            stage
-                .push(&*file, &piece)
-                .unwrap_or_else(|e| panic!("{e}"));
+            stage.push(&*file, &piece).unwrap_or_else(|e| panic!("{e}"));
             want.extend_from_slice(&piece);
             if i % 3 == 2 {
                 stage.write_all(&*file).unwrap_or_else(|e| panic!("{e}"));

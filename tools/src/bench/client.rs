@@ -38,8 +38,7 @@ impl Content {
     pub fn generate(seed: u64, len: u64) -> Content {
         let mut buf = vec![0u8; len as usize];
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let pieces: Vec<(usize, &mut [u8])> =
-            buf.chunks_mut(GEN_PIECE_BYTES).enumerate().collect();
+        let pieces: Vec<(usize, &mut [u8])> = buf.chunks_mut(GEN_PIECE_BYTES).enumerate().collect();
         let per = pieces.len().div_ceil(threads).max(1);
         std::thread::scope(|s| {
             let mut pieces = pieces.into_iter();
@@ -256,7 +255,10 @@ impl Conn {
         }
         if let Some(d) = resp.headers().get("docker-content-digest") {
             if d.as_bytes() != want.digest.as_bytes() {
-                bail!("GET {path}: Docker-Content-Digest {d:?}, not {}", want.digest);
+                bail!(
+                    "GET {path}: Docker-Content-Digest {d:?}, not {}",
+                    want.digest
+                );
             }
         }
         let mut at = 0usize;
