@@ -227,6 +227,13 @@ pub(crate) fn count_quarantined(
     Ok(n)
 }
 
+/// Recipe entries read together, and the blob offset of each.
+#[derive(Default)]
+struct Batch {
+    starts: Vec<u64>,
+    entries: Vec<RecipeEntry>,
+}
+
 /// A streaming reader over a byte range of one blob.
 pub struct BlobReader {
     inner: Arc<Inner>,
@@ -241,7 +248,7 @@ pub struct BlobReader {
     ready: VecDeque<Bytes>,
     current: Bytes,
     /// The next batch, its span reads already queued (see [`crate::span`]).
-    ahead: Option<(Vec<(u64, RecipeEntry)>, crate::span::Pending)>,
+    ahead: Option<(Batch, crate::span::Pending)>,
     /// A batch failed: the reader's position is no longer known, so every
     /// later call fails too (rather than return bytes from the wrong place).
     failed: bool,
@@ -346,12 +353,12 @@ impl BlobReader {
         v.map(|v| RecipePart::decode(&v)).transpose()
     }
 
-    /// The next batch of recipe entries that overlap the range (each with
-    /// its blob offset), up to the read-ahead bounds; empty at the end.
-    fn collect(&mut self) -> Result<Vec<(u64, RecipeEntry)>> {
-        let mut batch: Vec<(u64, RecipeEntry)> = Vec::new();
+    /// The next batch of recipe entries that overlap the range, up to the
+    /// read-ahead bounds; empty at the end.
+    fn collect(&mut self) -> Result<Batch> {
+        let mut batch = Batch::default();
         let mut batch_bytes = 0usize;
-        while batch.len() < self.inner.cfg.read_ahead_chunks
+        while batch.entries.len() < self.inner.cfg.read_ahead_chunks
             && batch_bytes < self.inner.cfg.read_ahead_bytes
             && self.queue_pos < self.end
         {
@@ -379,7 +386,8 @@ impl BlobReader {
             self.queue_pos += e.raw_len as u64;
             if self.queue_pos > self.pos {
                 batch_bytes += e.raw_len as usize;
-                batch.push((start, e));
+                batch.starts.push(start);
+                batch.entries.push(e);
             }
         }
         Ok(batch)
@@ -392,19 +400,17 @@ impl BlobReader {
             Some(a) => a,
             None => {
                 let b = self.collect()?;
-                let entries: Vec<RecipeEntry> = b.iter().map(|(_, e)| *e).collect();
-                let p = crate::span::start(&self.inner, &entries, false);
+                let p = crate::span::start(&self.inner, &b.entries, false);
                 (b, p)
             }
         };
         if self.queue_pos < self.end {
             let next = self.collect()?;
-            let entries: Vec<RecipeEntry> = next.iter().map(|(_, e)| *e).collect();
-            self.ahead = Some((next, crate::span::start(&self.inner, &entries, true)));
+            let p = crate::span::start(&self.inner, &next.entries, true);
+            self.ahead = Some((next, p));
         }
-        let entries: Vec<RecipeEntry> = batch.iter().map(|(_, e)| *e).collect();
-        let decoded = crate::span::finish(&self.inner, &entries, pending);
-        for ((start, _), d) in batch.iter().zip(decoded) {
+        let decoded = crate::span::finish(&self.inner, &batch.entries, pending);
+        for (start, d) in batch.starts.iter().zip(decoded) {
             let d = d?;
             let from = self.pos.saturating_sub(*start).min(d.len() as u64) as usize;
             let to = (self.end - start).min(d.len() as u64) as usize;

@@ -25,16 +25,26 @@ impl Registry {
     /// Starts `orlop serve --data DIR --addr 127.0.0.1:0` with extra
     /// environment, and waits for its "listening" line.
     pub fn start(data: &Path, env: &[(&str, &str)]) -> Registry {
-        Self::spawn(data, env, Stdio::inherit())
+        Self::spawn(data, env, Stdio::inherit(), &|_| {})
+    }
+
+    /// Like [`Registry::start`], with `setup` applied to the command first.
+    pub fn start_with(data: &Path, env: &[(&str, &str)], setup: &dyn Fn(&mut Command)) -> Registry {
+        Self::spawn(data, env, Stdio::inherit(), setup)
     }
 
     /// Like [`Registry::start`], with the server's log (stderr) in `log`.
     pub fn start_logged(data: &Path, env: &[(&str, &str)], log: &Path) -> Registry {
         let f = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
-        Self::spawn(data, env, Stdio::from(f))
+        Self::spawn(data, env, Stdio::from(f), &|_| {})
     }
 
-    fn spawn(data: &Path, env: &[(&str, &str)], stderr: Stdio) -> Registry {
+    fn spawn(
+        data: &Path,
+        env: &[(&str, &str)],
+        stderr: Stdio,
+        setup: &dyn Fn(&mut Command),
+    ) -> Registry {
         let mut cmd = Command::new(crate::orlop_bin());
         cmd.args(["serve", "--addr", "127.0.0.1:0", "--data"])
             .arg(data)
@@ -44,6 +54,7 @@ impl Registry {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        setup(&mut cmd);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn orlop serve: {e}"));

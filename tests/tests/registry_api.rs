@@ -659,6 +659,49 @@ fn restart_and_kill_keep_acknowledged_pushes() {
     reg.stop_and_fsck();
 }
 
+/// A field of a process's `/proc/PID/limits` line ("Max open files").
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits =
+        std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_else(|e| panic!("{e}"));
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no open-file limit in {limits}"));
+    let mut f = line["Max open files".len()..].split_whitespace();
+    let soft = f.next().unwrap_or_default().to_string();
+    let hard = f.next().unwrap_or_default().to_string();
+    (soft, hard)
+}
+
+#[test]
+fn serve_raises_its_open_file_limit() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // Started with a soft limit of 256 (below the hard one, which stays).
+    let lower = |cmd: &mut std::process::Command| {
+        // SAFETY: between fork and exec only getrlimit and setrlimit run,
+        // which are async-signal-safe and allocate nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut r = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_max > 256 {
+                    r.rlim_cur = 256;
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+                }
+                Ok(())
+            });
+        }
+    };
+    let reg = Registry::start_with(&dir.path().join("data"), &[], &lower);
+    let (soft, hard) = open_file_limits(reg.child.id());
+    assert_eq!(soft, hard, "the soft limit is raised to the hard one");
+    assert_eq!(reg.client().get("/v2/").status, 200);
+    reg.stop();
+}
+
 #[test]
 fn idle_upload_sessions_expire() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -149,6 +149,7 @@ fn main() {
     } else {
         logs.init();
     }
+    raise_descriptor_limit();
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -157,6 +158,36 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// Raises the soft limit on open files to the hard one, as Go programs
+/// (Distribution among them) do at start: a store keeps every segment open,
+/// with a second (O_DIRECT) descriptor for each one read or written directly,
+/// and the server a socket per connection; the usual soft limit of 1024 runs
+/// out at a few hundred segments.
+fn raise_descriptor_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or write only the struct given.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
+    if !ok || r.rlim_cur >= r.rlim_max {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: r.rlim_max,
+        rlim_max: r.rlim_max,
+    };
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(
+            soft = r.rlim_cur,
+            hard = r.rlim_max,
+            error = %std::io::Error::last_os_error(),
+            "could not raise the open-file limit"
+        );
+    }
 }
 
 fn run(cli: Cli) -> Result<i32> {

@@ -9,7 +9,7 @@ mod fault;
 mod pread;
 mod uring;
 
-pub(crate) use aligned::{AlignedBuf, BLOCK_BYTES};
+pub use aligned::{AlignedBuf, BLOCK_BYTES};
 pub use fault::{FaultConfig, FaultIo};
 pub use pread::PreadIo;
 pub use uring::UringIo;
@@ -48,11 +48,23 @@ pub trait SegmentFile: Send + Sync {
 
 /// A second descriptor of a file, opened with O_DIRECT on its first direct
 /// write; where the file system refuses O_DIRECT (tmpfs, some FUSE), direct
-/// writes become plain ones through the file's own descriptor.
+/// writes become plain ones through the file's own descriptor. A failure to
+/// open that may pass (no descriptor free: EMFILE, ENFILE; no memory) is not
+/// remembered: that one operation goes through the plain descriptor and the
+/// next one tries again.
 pub(crate) struct DirectFd {
     path: std::path::PathBuf,
     writable: bool,
     fd: std::sync::OnceLock<Option<std::fs::File>>,
+}
+
+/// Whether a failed O_DIRECT open may succeed later (a process or system
+/// out of descriptors or memory), rather than say the file system refuses.
+fn open_may_pass(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EINTR | libc::EAGAIN)
+    )
 }
 
 impl DirectFd {
@@ -66,22 +78,27 @@ impl DirectFd {
 
     fn fd(&self) -> Option<&std::fs::File> {
         use std::os::unix::fs::OpenOptionsExt;
-        self.fd
-            .get_or_init(|| {
-                match std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(self.writable)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(&self.path)
-                {
-                    Ok(f) => Some(f),
-                    Err(e) => {
-                        tracing::info!(path = %self.path.display(), error = %e, "O_DIRECT refused; this segment's I/O goes through the page cache");
-                        None
-                    }
-                }
-            })
-            .as_ref()
+        if let Some(known) = self.fd.get() {
+            return known.as_ref();
+        }
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(self.writable)
+            .custom_flags(libc::O_DIRECT)
+            .open(&self.path);
+        let known = match opened {
+            Ok(f) => Some(f),
+            Err(e) if open_may_pass(&e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "O_DIRECT descriptor not opened this time; reading and writing through the page cache");
+                return None;
+            }
+            Err(e) => {
+                tracing::info!(path = %self.path.display(), error = %e, "O_DIRECT refused; this segment's I/O goes through the page cache");
+                None
+            }
+        };
+        // Another thread may have opened it meanwhile: keep the first.
+        self.fd.get_or_init(|| known).as_ref()
     }
 
     pub fn write(&self, plain: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Result<()> {
