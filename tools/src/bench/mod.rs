@@ -83,6 +83,12 @@ pub struct BenchArgs {
     /// benches/corpus.py). Without it, `all` skips `images`.
     #[arg(long)]
     corpus: Option<PathBuf>,
+    /// After the large blob's pull, drop this machine's page cache (sync,
+    /// then 3 to /proc/sys/vm/drop_caches; needs root) and pull it again
+    /// as `blob-pull-cold`: the blob read from disk, as a registry whose
+    /// content outgrows its memory serves most pulls.
+    #[arg(long)]
+    drop_caches: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -186,6 +192,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         get_secs: a.get_secs,
         memory_pushes: a.memory_pushes.max(1),
         memory_bytes: a.memory_bytes,
+        drop_caches: a.drop_caches,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -65,6 +65,8 @@ pub struct Plan {
     pub get_secs: u64,
     pub memory_pushes: usize,
     pub memory_bytes: u64,
+    /// Pull the large blob again after dropping the page cache.
+    pub drop_caches: bool,
 }
 
 /// Gathers results from workers.
@@ -240,7 +242,27 @@ pub async fn large_blob(p: &Plan) -> Result<Vec<Outcome>> {
         Err(e) => tally.fail(e),
     }
     out.push(tally.outcome("blob-pull", t.elapsed().as_secs_f64()));
+
+    if p.drop_caches {
+        drop_page_cache()?;
+        let t = Instant::now();
+        let tally = Tally::default();
+        match c.get_expecting(&path, &content).await {
+            Ok(n) => tally.ok(n, t),
+            Err(e) => tally.fail(e),
+        }
+        out.push(tally.outcome("blob-pull-cold", t.elapsed().as_secs_f64()));
+    }
     Ok(out)
+}
+
+/// Writes dirty pages out, then drops the page cache (and dentries and
+/// inodes) of the whole machine.
+fn drop_page_cache() -> Result<()> {
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+        .context("--drop-caches: writing /proc/sys/vm/drop_caches (needs root)")
 }
 
 /// Runs `n` jobs over `workers` connections; each job gets its index.
