@@ -102,20 +102,35 @@ impl MasterKey {
     }
 
     /// Writes the key with mode 0600, refusing to overwrite an existing file.
+    /// Atomic: the key goes to a temporary file, synced, then linked to
+    /// `path` (which fails if `path` exists), so a crash leaves either no
+    /// key file or a whole one.
     pub fn write_file(&self, path: &Path) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".new");
+        let tmp = std::path::PathBuf::from(tmp_name);
+        // A leftover of a write cut short: never linked, so never used.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&tmp, e)),
+            _ => {}
+        }
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?;
         f.write_all(self.to_text().as_bytes())
             .and_then(|_| f.sync_all())
-            .map_err(|e| Error::io(path, e))?;
+            .map_err(|e| Error::io(&tmp, e))?;
+        drop(f);
+        let linked = std::fs::hard_link(&tmp, path).map_err(|e| Error::io(path, e));
+        let _ = std::fs::remove_file(&tmp);
+        linked?;
         if let Some(parent) = path.parent() {
             crate::io::sync_dir(parent)?;
         }

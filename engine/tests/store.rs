@@ -305,3 +305,62 @@ fn repeated_chunks_inside_a_blob_are_stored_once() {
     assert_eq!(rep.dead_records, 0, "no duplicate records were appended");
     assert_eq!(s.get(&info.digest).unwrap_or_else(|e| panic!("{e}")), zeros);
 }
+
+/// A store whose creation was cut short, with its key file half written,
+/// or after RocksDB made its files but before the first (meta) batch, opens
+/// as a new store; a store with data but no format version is still refused.
+#[test]
+fn interrupted_creation_opens_as_a_new_store() {
+    let want = noise(5, 30_000);
+    // Killed while writing the key: a partial temporary key file only.
+    let a = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = small_config(a.path());
+    cfg.key = KeySource::Default;
+    std::fs::write(a.path().join("store.key.new"), b"orlop-k").unwrap_or_else(|e| panic!("{e}"));
+    let s = open(&cfg);
+    s.put(&want, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_clean(&s);
+    drop(s);
+    assert!(!a.path().join("store.key.new").exists());
+    assert!(a.path().join("store.key").exists());
+
+    // Killed after the key and RocksDB's files, before the meta batch.
+    let b = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = small_config(b.path());
+    cfg.key = KeySource::Default;
+    orlop_engine::MasterKey::generate()
+        .and_then(|k| k.write_file(&b.path().join("store.key")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(
+        orlop_engine::index::Index::open(&b.path().join("index"), false, &[])
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    assert!(b.path().join("index/CURRENT").exists());
+    let s = open(&cfg);
+    let info = s.put(&want, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_clean(&s);
+    drop(s);
+    let s = open(&cfg);
+    assert_eq!(s.get(&info.digest).unwrap_or_else(|e| panic!("{e}")), want);
+    drop(s);
+
+    // An index with entries but no format version is damage, not a new store.
+    let other = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let cfg2 = small_config(other.path());
+    drop(open(&cfg2));
+    {
+        let ix = orlop_engine::index::Index::open(&other.path().join("index"), false, &[])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let meta = ix
+            .cf(orlop_engine::index::CF_META)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut b = rocksdb::WriteBatch::default();
+        b.delete_cf(meta, orlop_engine::index::META_FORMAT_VERSION);
+        ix.write_synced(b).unwrap_or_else(|e| panic!("{e}"));
+    }
+    match Store::open(cfg2) {
+        Err(Error::CorruptIndex { .. }) => {}
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("a store without its format version opened"),
+    }
+}

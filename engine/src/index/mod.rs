@@ -156,6 +156,21 @@ impl Index {
         Ok(index)
     }
 
+    /// Whether no column family holds an entry: a store whose creation was
+    /// cut short before its first write (the meta batch) is like this.
+    pub fn is_empty(&self) -> Result<bool> {
+        for name in ENGINE_CFS
+            .iter()
+            .copied()
+            .chain(self.extra.iter().map(|e| e.as_str()))
+        {
+            if self.scan(name)?.next().is_some() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }

@@ -14,9 +14,11 @@ use rocksdb::WriteBatch;
 use std::collections::HashMap;
 
 /// Checks (or, for a new store, writes) format version, store id and key check.
+/// A store whose creation was cut short (killed after RocksDB made its files,
+/// before the one synced batch below) has an empty index: it is new still.
 pub(super) fn check_meta(index: &Index, key_check: &[u8; 32], is_new: bool) -> Result<[u8; 16]> {
     let version = index.get(CF_META, META_FORMAT_VERSION)?;
-    if version.is_none() && is_new && !index.is_read_only() {
+    if version.is_none() && !index.is_read_only() && (is_new || index.is_empty()?) {
         let mut store_id = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut store_id)
             .map_err(|_| Error::Config("system random generator failed".into()))?;
