@@ -107,9 +107,12 @@ impl MasterKey {
     /// key file or a whole one.
     pub fn write_file(&self, path: &Path) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
+        // A bare file name's directory is the current one.
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         let mut tmp_name = path.as_os_str().to_owned();
         tmp_name.push(".new");
         let tmp = std::path::PathBuf::from(tmp_name);
@@ -131,10 +134,7 @@ impl MasterKey {
         let linked = std::fs::hard_link(&tmp, path).map_err(|e| Error::io(path, e));
         let _ = std::fs::remove_file(&tmp);
         linked?;
-        if let Some(parent) = path.parent() {
-            crate::io::sync_dir(parent)?;
-        }
-        Ok(())
+        crate::io::sync_dir(parent)
     }
 }
 
@@ -165,8 +165,15 @@ mod tests {
             .map(|m| m.permissions().mode())
             .unwrap_or(0);
         assert_eq!(mode & 0o777, 0o600);
-        let again = MasterKey::load(&KeySource::File(path), dir.path(), false)
+        let again = MasterKey::load(&KeySource::File(path.clone()), dir.path(), false)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(again.0, k.0);
+        // Never overwritten.
+        assert!(MasterKey::generate()
+            .and_then(|k2| k2.write_file(&path))
+            .is_err());
+        let kept = MasterKey::load(&KeySource::File(path), dir.path(), false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(kept.0, k.0);
     }
 }

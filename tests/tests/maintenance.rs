@@ -89,3 +89,36 @@ fn the_scrub_reports_damage_in_a_sealed_segment() {
     assert!(r.body == img.layers[1]);
     reg.stop();
 }
+
+/// `orlop keygen` writes a private key file, by a bare name in the working
+/// directory too, and never overwrites one.
+#[test]
+fn keygen_writes_a_key_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let keygen = |name: &str| {
+        std::process::Command::new(orlop_tests::orlop_bin())
+            .args(["keygen", name])
+            .current_dir(dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("orlop keygen: {e}"))
+    };
+    let out = keygen("k1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = dir.path().join("k1");
+    let first = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(first.starts_with("orlop-store-key-v1:"), "{first}");
+    let mode = std::fs::metadata(&path).map_or(0, |m| m.permissions().mode());
+    assert_eq!(mode & 0o777, 0o600);
+    let again = keygen("k1");
+    assert!(!again.status.success(), "a second keygen overwrote the key");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}")),
+        first
+    );
+    assert!(!dir.path().join("k1.new").exists());
+}
