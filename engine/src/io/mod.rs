@@ -49,10 +49,9 @@ pub trait SegmentFile: Send + Sync {
 /// A second descriptor of a file, opened with O_DIRECT on its first direct
 /// read or write; where the file system refuses O_DIRECT (tmpfs, some
 /// FUSE), direct reads and writes become plain ones through the file's own
-/// descriptor. A failure to
-/// open that may pass (no descriptor free: EMFILE, ENFILE; no memory) is not
-/// remembered: that one operation goes through the plain descriptor and the
-/// next one tries again.
+/// descriptor. A failure to open that may pass (no descriptor free: EMFILE,
+/// ENFILE; no memory) is not remembered: that one operation goes through
+/// the plain descriptor and the next one tries again.
 pub(crate) struct DirectFd {
     path: std::path::PathBuf,
     writable: bool,

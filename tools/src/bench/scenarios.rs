@@ -234,26 +234,24 @@ pub async fn large_blob(p: &Plan) -> Result<Vec<Outcome>> {
     out.push(tally.outcome("blob-push-chunked", t.elapsed().as_secs_f64()));
     drop(content2);
 
+    out.push(pull_once(&mut c, &p.repo, &content, "blob-pull").await);
+    if p.drop_caches {
+        drop_page_cache()?;
+        out.push(pull_once(&mut c, &p.repo, &content, "blob-pull-cold").await);
+    }
+    Ok(out)
+}
+
+/// One timed pull of `content`, compared with it byte for byte.
+async fn pull_once(c: &mut Conn, repo: &str, content: &Content, name: &str) -> Outcome {
     let t = Instant::now();
     let tally = Tally::default();
-    let path = format!("/v2/{}/blobs/{}", p.repo, content.digest);
-    match c.get_expecting(&path, &content).await {
+    let path = format!("/v2/{repo}/blobs/{}", content.digest);
+    match c.get_expecting(&path, content).await {
         Ok(n) => tally.ok(n, t),
         Err(e) => tally.fail(e),
     }
-    out.push(tally.outcome("blob-pull", t.elapsed().as_secs_f64()));
-
-    if p.drop_caches {
-        drop_page_cache()?;
-        let t = Instant::now();
-        let tally = Tally::default();
-        match c.get_expecting(&path, &content).await {
-            Ok(n) => tally.ok(n, t),
-            Err(e) => tally.fail(e),
-        }
-        out.push(tally.outcome("blob-pull-cold", t.elapsed().as_secs_f64()));
-    }
-    Ok(out)
+    tally.outcome(name, t.elapsed().as_secs_f64())
 }
 
 /// Writes dirty pages out, then drops the page cache (and dentries and
