@@ -4,7 +4,7 @@
 //! is read with one read into a block-aligned buffer, bypassing the page
 //! cache when appends do (see [`crate::readpool`]), and its records are
 //! checked and decrypted in place, on the reader's own thread: opening
-//! runs at GB/s on one core (AES-GCM, BLAKE3, CRC32C), and handing work to
+//! runs at GB/s on one core (AES-GCM; see [`Check::Tag`]), and handing work to
 //! a pool and back costs more than it saves (the pool's threads spin and
 //! yield while they wait). An uncompressed chunk is returned as a slice of
 //! that buffer, without a copy.
@@ -24,9 +24,9 @@ use crate::error::{Error, Result};
 use crate::ids::{ChunkId, SegmentId};
 use crate::index::codec::{Location, RecipeEntry};
 use crate::io::BLOCK_BYTES;
-use crate::read::{check_chunk_header, fetch_chunk, open_in_place, Plain};
+use crate::read::{check_chunk_header, fetch_chunk, open_in_place, Check, Plain};
 use crate::readpool::{Ahead, ReadJob, SpanBuf};
-use crate::segment::format::RecordHeader;
+use crate::segment::format::RECORD_HEADER_BYTES;
 use crate::store::Inner;
 use bytes::Bytes;
 
@@ -191,14 +191,23 @@ fn open_span(
         .collect()
 }
 
+/// Opens one record of a span, checked by its AEAD tag ([`Check::Tag`])
+/// rather than its CRC32C: the tag covers the payload and, through the
+/// associated data and the nonce, the header fields that matter; the magic
+/// and the payload length are compared here. A record that fails goes to
+/// `fetch_chunk`, which checks the CRC too and reports the failure exactly.
 fn open_checked(inner: &Inner, id: &ChunkId, loc: &Location, rec: &mut [u8]) -> Result<Plain> {
-    if rec.len() as u64 != loc.record_len() || !RecordHeader::checksum_ok(rec) {
-        return Err(Error::ChecksumMismatch {
-            segment: loc.segment,
-            offset: loc.offset as u64,
-        });
+    let bad = || Error::ChecksumMismatch {
+        segment: loc.segment,
+        offset: loc.offset as u64,
+    };
+    if rec.len() as u64 != loc.record_len() {
+        return Err(bad());
     }
-    let (h, plain) = open_in_place(&inner.cipher, &inner.naming_key, loc, rec)?;
+    let (h, plain) = open_in_place(&inner.cipher, &inner.naming_key, loc, rec, Check::Tag)?;
+    if RECORD_HEADER_BYTES as u64 + u64::from(h.payload_len) != loc.record_len() {
+        return Err(bad());
+    }
     check_chunk_header(&h, id, loc)?;
     Ok(plain)
 }
