@@ -63,9 +63,8 @@ impl Compressor {
     }
 
     /// Compresses (the caller has run the probe, [`looks_compressible`]) and
-    /// returns the compressed form, after `headroom` zero bytes, when it saves
-    /// enough to keep, else None.
-    pub fn compress_if_smaller(&mut self, raw: &[u8], headroom: usize) -> Option<Vec<u8>> {
+    /// returns the compressed form when it saves enough to keep, else None.
+    pub fn compress_if_smaller(&mut self, raw: &[u8]) -> Option<Vec<u8>> {
         self.scratch.clear();
         self.scratch
             .reserve(zstd::zstd_safe::compress_bound(raw.len()));
@@ -73,11 +72,7 @@ impl Compressor {
         if n + raw.len() * SAVE_MIN_32THS / 32 > raw.len() {
             return None;
         }
-        // `headroom` bytes in front for the record header, room for the tag behind.
-        let mut out = Vec::with_capacity(headroom + n + 16);
-        out.resize(headroom, 0);
-        out.extend_from_slice(&self.scratch[..n]);
-        Some(out)
+        Some(self.scratch[..n].to_vec())
     }
 }
 
@@ -113,7 +108,7 @@ mod tests {
             .copied()
             .collect();
         let z = c
-            .compress_if_smaller(&text, 0)
+            .compress_if_smaller(&text)
             .unwrap_or_else(|| panic!("text should compress"));
         assert!(z.len() < text.len() / 4);
         assert_eq!(decompress(&z, text.len()).as_deref(), Some(&text[..]));
@@ -122,7 +117,7 @@ mod tests {
         rand::rngs::SmallRng::seed_from_u64(1).fill_bytes(&mut noise);
         assert!(looks_compressible(&text));
         assert!(!looks_compressible(&noise));
-        assert!(c.compress_if_smaller(&noise, 0).is_none());
+        assert!(c.compress_if_smaller(&noise).is_none());
         assert!(entropy_bits(&noise[..4096]) > 7.9);
         assert!(entropy_bits(&text[..4096]) < 5.0);
     }

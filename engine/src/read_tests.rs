@@ -20,7 +20,7 @@ fn record(plain: &[u8], id: ChunkId, zstd: bool) -> (Vec<u8>, Location) {
     let (flags, mut body) = if zstd {
         let mut c = Compressor::new(1).unwrap_or_else(|e| panic!("{e}"));
         let v = c
-            .compress_if_smaller(plain, 0)
+            .compress_if_smaller(plain)
             .unwrap_or_else(|| panic!("test data compresses"));
         (FLAG_ZSTD, v)
     } else {

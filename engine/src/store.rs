@@ -172,12 +172,12 @@ impl Inner {
     pub fn append_meta(&self, kind: u8, payload: &[u8]) -> Result<Location> {
         self.segments.append(
             &self.cipher,
-            crate::segment::PreparedChunk {
+            &crate::segment::PreparedChunk {
                 kind,
                 id: self.chunk_id(payload),
                 flags: 0,
                 raw_len: payload.len() as u32,
-                record: crate::segment::PreparedChunk::buffer(payload),
+                body: bytes::Bytes::copy_from_slice(payload),
             },
         )
     }

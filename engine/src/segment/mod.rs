@@ -35,6 +35,53 @@ struct Active {
     stage: Stage,
 }
 
+impl Active {
+    /// Counts a record just added to `stage` (its header's CRC joins the
+    /// footer's chain).
+    fn count(&mut self, header: &[u8], record_len: usize) {
+        self.offset += record_len as u64;
+        self.record_count += 1;
+        self.data_crc = format::chain_record_crc(self.data_crc, header);
+    }
+}
+
+/// Builds a chunk's record in `buf` (exactly its length): the body copied
+/// in and encrypted in place, the tag, then the header with its CRC32C.
+/// Returns the header.
+fn seal_record(
+    cipher: &ChunkCipher,
+    chunk: &PreparedChunk,
+    nonce: [u8; crate::crypto::NONCE_BYTES],
+    buf: &mut [u8],
+) -> Result<[u8; RECORD_HEADER_BYTES]> {
+    let body_len = chunk.body.len();
+    let (head, payload) = buf.split_at_mut(RECORD_HEADER_BYTES);
+    let (body, tag_out) = payload.split_at_mut(body_len);
+    body.copy_from_slice(&chunk.body);
+    let tag = cipher
+        .seal_detached(
+            nonce,
+            chunk.kind,
+            chunk.flags,
+            chunk.raw_len,
+            &chunk.id,
+            body,
+        )
+        .map_err(|_| Error::Config("AEAD seal failed".into()))?;
+    tag_out.copy_from_slice(&tag);
+    let header = RecordHeader {
+        kind: chunk.kind,
+        flags: chunk.flags,
+        payload_len: (body_len + TAG_BYTES) as u32,
+        raw_len: chunk.raw_len,
+        chunk: chunk.id,
+        nonce,
+    }
+    .encode(payload);
+    head.copy_from_slice(&header);
+    Ok(header)
+}
+
 /// The active segment's append buffer (`stage`): appends reach the file in
 /// writes of about this size, and at each sync.
 const STAGE_BYTES: usize = 1 << 20;
@@ -64,25 +111,16 @@ pub(crate) struct Segments {
     pub meta_lock: Mutex<()>,
 }
 
-/// A chunk ready to append: `RECORD_HEADER_BYTES` of headroom followed by
-/// its plaintext or compressed bytes, not yet encrypted.
+/// A chunk ready to append: its plaintext or compressed bytes, not yet
+/// encrypted (the appender copies them into the segment's append buffer and
+/// encrypts them there).
 pub(crate) struct PreparedChunk {
     /// Record kind: a data chunk, or a metadata record (`journal`).
     pub kind: u8,
     pub id: ChunkId,
     pub flags: u8,
     pub raw_len: u32,
-    pub record: Vec<u8>,
-}
-
-impl PreparedChunk {
-    /// A record buffer with header headroom and room for the tag.
-    pub fn buffer(body: &[u8]) -> Vec<u8> {
-        let mut v = Vec::with_capacity(RECORD_HEADER_BYTES + body.len() + TAG_BYTES);
-        v.resize(RECORD_HEADER_BYTES, 0);
-        v.extend_from_slice(body);
-        v
-    }
+    pub body: bytes::Bytes,
 }
 
 impl Segments {
@@ -210,52 +248,46 @@ impl Segments {
             *guard = None;
             return Err(Error::io(self.path_of(id), e));
         }
-        a.offset += record.len() as u64;
-        a.record_count += 1;
-        a.data_crc = format::chain_record_crc(a.data_crc, &record[..RECORD_HEADER_BYTES]);
+        a.count(&record[..RECORD_HEADER_BYTES], record.len());
         Ok(())
     }
 
-    /// Encrypts and appends one chunk record; returns where it landed.
-    /// `chunk.record` holds `RECORD_HEADER_BYTES` of headroom, then the body.
-    pub fn append(&self, cipher: &ChunkCipher, mut chunk: PreparedChunk) -> Result<Location> {
+    /// Encrypts and appends one chunk record; returns where it landed. The
+    /// record is built in the append buffer itself (one copy of the body),
+    /// or, when it is larger than that buffer, in a buffer of its own.
+    pub fn append(&self, cipher: &ChunkCipher, chunk: &PreparedChunk) -> Result<Location> {
         self.check_writable()?;
-        let body_len = chunk.record.len().saturating_sub(RECORD_HEADER_BYTES);
-        let record_len = (RECORD_HEADER_BYTES + body_len + TAG_BYTES) as u64;
+        let record_len = RECORD_HEADER_BYTES + chunk.body.len() + TAG_BYTES;
         let mut guard = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        let a = self.with_room(&mut guard, record_len)?;
-        let offset = a.offset as u32;
-        let nonce = nonce_for(a.id, offset);
-        // Encrypt in place after the headroom; the nonce depends on the offset,
-        // so this happens under the append lock (AES-GCM runs at GB/s).
-        let tag = cipher
-            .seal_detached(
-                nonce,
-                chunk.kind,
-                chunk.flags,
-                chunk.raw_len,
-                &chunk.id,
-                &mut chunk.record[RECORD_HEADER_BYTES..],
-            )
-            .map_err(|_| Error::Config("AEAD seal failed".into()))?;
-        chunk.record.extend_from_slice(&tag);
-        let header = RecordHeader {
-            kind: chunk.kind,
-            flags: chunk.flags,
-            payload_len: (body_len + TAG_BYTES) as u32,
-            raw_len: chunk.raw_len,
-            chunk: chunk.id,
-            nonce,
+        let a = self.with_room(&mut guard, record_len as u64)?;
+        let (segment, offset) = (a.id, a.offset as u32);
+        // The nonce depends on the offset, so encryption happens under the
+        // append lock (AES-GCM runs at GB/s).
+        let nonce = nonce_for(segment, offset);
+        let room = match a.stage.room(&*a.file, record_len) {
+            Ok(room) => room,
+            Err(e) => {
+                self.poison(&e);
+                *guard = None;
+                return Err(Error::io(self.path_of(segment), e));
+            }
         };
-        let (head, payload) = chunk.record.split_at_mut(RECORD_HEADER_BYTES);
-        let encoded = header.encode(payload);
-        head.copy_from_slice(&encoded);
-        let segment = a.id;
-        self.write_record(&mut guard, &chunk.record)?;
+        match room {
+            Some(buf) => {
+                let header = seal_record(cipher, chunk, nonce, buf)?;
+                a.stage.advance(record_len);
+                a.count(&header, record_len);
+            }
+            None => {
+                let mut buf = vec![0u8; record_len];
+                seal_record(cipher, chunk, nonce, &mut buf)?;
+                self.write_record(&mut guard, &buf)?;
+            }
+        }
         Ok(Location {
             segment,
             offset,
-            payload_len: header.payload_len,
+            payload_len: (record_len - RECORD_HEADER_BYTES) as u32,
             raw_len: chunk.raw_len,
             flags: chunk.flags,
         })

@@ -57,6 +57,25 @@ impl Stage {
         Ok(())
     }
 
+    /// Room for `n` more bytes in one piece at the end, writing whole
+    /// blocks first when the buffer lacks it; None when even then it cannot
+    /// hold them (the caller pushes them instead). [`Stage::advance`] keeps
+    /// what the caller wrote there.
+    pub fn room(&mut self, file: &dyn SegmentFile, n: usize) -> std::io::Result<Option<&mut [u8]>> {
+        if self.buf.len() - self.len < n {
+            self.write_whole_blocks(file)?;
+        }
+        if self.buf.len() - self.len < n {
+            return Ok(None);
+        }
+        Ok(Some(&mut self.buf.as_mut_slice()[self.len..self.len + n]))
+    }
+
+    /// Keeps `n` bytes written at the end by way of [`Stage::room`].
+    pub fn advance(&mut self, n: usize) {
+        self.len = (self.len + n).min(self.buf.len());
+    }
+
     /// Writes everything held, the partial last block padded with zeros;
     /// keeps that block for the next write to repeat and extend.
     pub fn write_all(&mut self, file: &dyn SegmentFile) -> std::io::Result<()> {
@@ -142,5 +161,40 @@ mod tests {
         let got = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(&got[..want.len()], &want[..]);
         assert_eq!(got.len() % BLOCK_BYTES, 0);
+    }
+
+    /// Bytes written in place through `room` land where pushed ones would;
+    /// a piece larger than the buffer gets no room (and is pushed instead).
+    #[test]
+    fn room_and_push_build_the_same_file() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("seg");
+        let file = PreadIo
+            .open(&path, OpenMode::Create)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut stage = Stage::new(3 * BLOCK_BYTES, true);
+        let mut want = Vec::new();
+        for (i, n) in [100usize, 9000, 4096, 1, 12288, 7000, 12289, 3, 20000]
+            .into_iter()
+            .enumerate()
+        {
+            let piece: Vec<u8> = (0..n).map(|j| (i * 17 + j) as u8 | 1).collect();
+            match stage.room(&*file, n).unwrap_or_else(|e| panic!("{e}")) {
+                Some(buf) => {
+                    assert_eq!(buf.len(), n);
+                    buf.copy_from_slice(&piece);
+                    stage.advance(n);
+                }
+                None => {
+                    assert!(n > 2 * BLOCK_BYTES, "no room for {n} bytes");
+                    stage.push(&*file, &piece).unwrap_or_else(|e| panic!("{e}"));
+                }
+            }
+            want.extend_from_slice(&piece);
+        }
+        stage.write_all(&*file).unwrap_or_else(|e| panic!("{e}"));
+        let got = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&got[..want.len()], &want[..]);
+        assert!(got[want.len()..].iter().all(|b| *b == 0));
     }
 }

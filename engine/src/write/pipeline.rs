@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ChunkId, RecipeId};
 use crate::index::codec::{recipe_key, staged_key, RecipeEntry, RecipePart, RECIPE_PART_ENTRIES};
 use crate::index::{CF_RECIPES, CF_STAGED};
-use crate::segment::format::{FLAG_ZSTD, KIND_CHUNK, RECORD_HEADER_BYTES};
+use crate::segment::format::{FLAG_ZSTD, KIND_CHUNK};
 use crate::segment::PreparedChunk;
 use crate::store::{Inner, WriterTicket, INFLIGHT_CHUNKS_MAX};
 use bytes::Bytes;
@@ -66,7 +66,7 @@ struct Named {
     chunk: Bytes,
     id: ChunkId,
     /// `Some` when the chunk is not yet in the index.
-    prepared: Option<(u8, Vec<u8>)>,
+    prepared: Option<(u8, Bytes)>,
 }
 
 thread_local! {
@@ -82,9 +82,7 @@ fn compress_here(level: i32, chunk: &[u8]) -> Result<Option<Vec<u8>>> {
         if slot.as_ref().map(|c| c.level()) != Some(level) {
             *slot = Some(Compressor::new(level).map_err(|e| Error::io("zstd", e))?);
         }
-        Ok(slot
-            .as_mut()
-            .and_then(|c| c.compress_if_smaller(chunk, RECORD_HEADER_BYTES)))
+        Ok(slot.as_mut().and_then(|c| c.compress_if_smaller(chunk)))
     })
 }
 
@@ -254,9 +252,11 @@ impl<'a> CutStage<'a> {
             } else {
                 None
             };
+            // Stored as it came (a slice of the chunker's window, no copy)
+            // unless compression saved enough.
             let prepared = is_new.then(|| match z {
-                Some(z) => (FLAG_ZSTD, z),
-                None => (0, PreparedChunk::buffer(&chunk)),
+                Some(z) => (FLAG_ZSTD, Bytes::from(z)),
+                None => (0, chunk.clone()),
             });
             Ok(Named {
                 chunk,
@@ -281,7 +281,7 @@ impl<'a> CutStage<'a> {
             } = n?;
             let raw_len = chunk.len() as u32;
             // Checked again here: the same new chunk may occur twice in one batch.
-            if let (Some((flags, record)), false) = (prepared, self.sent.contains(&id)) {
+            if let (Some((flags, body)), false) = (prepared, self.sent.contains(&id)) {
                 // Looked up under the writer registry's lock: if another
                 // writer's placement is shared, its segment becomes this
                 // write's floor before a compaction can choose it.
@@ -302,7 +302,7 @@ impl<'a> CutStage<'a> {
                             id,
                             flags,
                             raw_len,
-                            record,
+                            body,
                         });
                     }
                 }
@@ -350,7 +350,7 @@ fn append_stage(inner: &Inner, recipe: RecipeId, rx: Receiver<AppendMsg>) -> Res
         };
         for chunk in chunks {
             let id = chunk.id;
-            let loc = inner.segments.append(&inner.cipher, chunk)?;
+            let loc = inner.segments.append(&inner.cipher, &chunk)?;
             {
                 let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
                 if fl.len() < INFLIGHT_CHUNKS_MAX {
