@@ -87,8 +87,9 @@ pub(crate) enum Check {
     /// The name only of a decompressed plaintext. The tag authenticates the
     /// ciphertext together with the chunk id, kind, flags and raw length
     /// (the associated data) under the store's key: a stored plaintext that
-    /// passes it is the one sealed under that name, to a forgery bound of
-    /// 2^-128 per record, far below the CRC32C's 2^-32. Decompression is
+    /// passes it is the one sealed under that name, but for a chance of
+    /// about one in 2^110 per record (GCM's bound for records of up to a
+    /// few MiB), against one in 2^32 for the CRC32C. Decompression is
     /// code, not storage, so its output is still named. The bulk path
     /// ([`crate::span`]) opens records this way and sends any that fail to
     /// the `Full` path, which reports the failure exactly.

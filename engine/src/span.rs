@@ -194,7 +194,8 @@ fn open_span(
 /// Opens one record of a span, checked by its AEAD tag ([`Check::Tag`])
 /// rather than its CRC32C: the tag covers the payload and, through the
 /// associated data and the nonce, the header fields that matter; the magic
-/// and the payload length are compared here. A record that fails goes to
+/// is checked by the header's decoding and the payload length here (the
+/// reserved bytes and the CRC itself are left to fsck). A record that fails goes to
 /// `fetch_chunk`, which checks the CRC too and reports the failure exactly.
 fn open_checked(inner: &Inner, id: &ChunkId, loc: &Location, rec: &mut [u8]) -> Result<Plain> {
     let bad = || Error::ChecksumMismatch {

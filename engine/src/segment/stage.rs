@@ -73,6 +73,10 @@ impl Stage {
 
     /// Keeps `n` bytes written at the end by way of [`Stage::room`].
     pub fn advance(&mut self, n: usize) {
+        debug_assert!(
+            self.len + n <= self.buf.len(),
+            "advance past the room given"
+        );
         self.len = (self.len + n).min(self.buf.len());
     }
 
