@@ -67,6 +67,54 @@ fn open_may_pass(e: &std::io::Error) -> bool {
     )
 }
 
+/// Logs at most one warning per `interval_ms`, counting the ones it holds back.
+pub(crate) struct WarnLimit {
+    interval_ms: u64,
+    /// When the last warning was let through, plus one (0: never).
+    last_ms: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl WarnLimit {
+    pub const fn new(interval_ms: u64) -> Self {
+        WarnLimit {
+            interval_ms,
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// At `now_ms`: Some(warnings held back since the last one) when this
+    /// one may be logged, else None (and it is counted).
+    pub fn allow(&self, now_ms: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last_ms.load(Relaxed);
+        let due = last == 0 || now_ms + 1 >= last.saturating_add(self.interval_ms);
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms + 1, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Relaxed));
+        }
+        self.suppressed.fetch_add(1, Relaxed);
+        None
+    }
+}
+
+/// Failed O_DIRECT opens that may pass: warned of once per 10 s.
+static OPEN_MAY_PASS_WARNINGS: WarnLimit = WarnLimit::new(10_000);
+
+/// Milliseconds since the first call (a monotonic clock for rate limits).
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 impl DirectFd {
     pub fn new(path: &Path, mode: OpenMode) -> Self {
         DirectFd {
@@ -89,7 +137,11 @@ impl DirectFd {
         let known = match opened {
             Ok(f) => Some(f),
             Err(e) if open_may_pass(&e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "O_DIRECT descriptor not opened this time; reading and writing through the page cache");
+                // While descriptors stay short every direct read and write
+                // lands here: one warning per interval, with a count.
+                if let Some(suppressed) = OPEN_MAY_PASS_WARNINGS.allow(monotonic_ms()) {
+                    tracing::warn!(path = %self.path.display(), error = %e, suppressed, "O_DIRECT descriptor not opened this time; reading and writing through the page cache (`suppressed`: like warnings not logged since the last)");
+                }
                 return None;
             }
             Err(e) => {
@@ -186,5 +238,22 @@ pub fn auto() -> Arc<dyn SegmentIo> {
             tracing::info!(error = %e, "io_uring unavailable; using pread/pwrite for segment I/O");
             Arc::new(PreadIo)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WarnLimit;
+
+    #[test]
+    fn warnings_are_limited_per_interval_and_counted() {
+        let w = WarnLimit::new(1000);
+        assert_eq!(w.allow(0), Some(0));
+        assert_eq!(w.allow(1), None);
+        assert_eq!(w.allow(999), None);
+        assert_eq!(w.allow(1000), Some(2));
+        assert_eq!(w.allow(1500), None);
+        assert_eq!(w.allow(5000), Some(1));
+        assert_eq!(w.allow(5000), None);
     }
 }
