@@ -79,8 +79,34 @@ impl std::fmt::Debug for IoBackend {
     }
 }
 
-/// Receives timings from the engine's commit path (for metrics). Calls are
-/// made on the committer thread and must return quickly.
+/// Where a bulk read of a span (`crate::span`) found its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanSource {
+    /// Read from disk with O_DIRECT, past the page cache (a first read).
+    Direct,
+    /// Read through the page cache, which held all of it.
+    PageCache,
+    /// Read through the page cache, which keeps it: the span was read
+    /// recently before (admission on second access).
+    Admitted,
+    /// Read through the page cache because the store does not read direct.
+    Buffered,
+}
+
+impl SpanSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpanSource::Direct => "direct",
+            SpanSource::PageCache => "page_cache",
+            SpanSource::Admitted => "admitted",
+            SpanSource::Buffered => "buffered",
+        }
+    }
+}
+
+/// Receives timings from the engine's commit path and counts from its read
+/// path (for metrics). Calls are made on the committer's and the readers'
+/// threads and must return quickly.
 pub trait Observer: Send + Sync + std::fmt::Debug {
     /// The active segment was fsynced before an index commit.
     fn segment_synced(&self, _elapsed: std::time::Duration) {}
@@ -88,6 +114,8 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
     fn index_written(&self, _elapsed: std::time::Duration) {}
     /// A group commit gathered this many requests.
     fn group_committed(&self, _requests: usize) {}
+    /// A span of `bytes` was read for a blob reader, from `source`.
+    fn span_read(&self, _source: SpanSource, _bytes: usize) {}
 }
 
 #[derive(Clone, Debug)]

@@ -33,7 +33,7 @@ mod verify;
 mod write;
 
 pub use compact::{CompactOptions, CompactReport};
-pub use config::{ChunkParams, IoBackend, KeySource, Observer, StoreConfig};
+pub use config::{ChunkParams, IoBackend, KeySource, Observer, SpanSource, StoreConfig};
 pub use error::{Error, Result};
 pub use gc::{GcOptions, GcReport};
 pub use ids::{ChunkId, Digest, DigestAlgorithm, RecipeId, SegmentId};

@@ -141,6 +141,7 @@ fn job(inner: &Inner, s: &Span) -> Option<(ReadJob, u64)> {
     let file = inner.segments.file(s.segment).ok()?;
     let job = ReadJob {
         file,
+        segment: s.segment.0,
         start: aligned_start,
         len: (aligned_end - aligned_start) as usize,
         exact: (s.start, s.end),

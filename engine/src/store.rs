@@ -257,8 +257,8 @@ impl Store {
         }
         let next_recipe = index.meta_u64(META_NEXT_RECIPE)?.unwrap_or(1);
         let (tx, rx) = crossbeam_channel::bounded(cfg.group_commit_requests_max * 4);
-        let read_pool =
-            crate::readpool::ReadPool::new(cfg.read_threads).map_err(|e| Error::io(&dir, e))?;
+        let read_pool = crate::readpool::ReadPool::new(cfg.read_threads, cfg.observer.clone())
+            .map_err(|e| Error::io(&dir, e))?;
         let inner = Arc::new(Inner {
             cipher: ChunkCipher::new(&key.encryption_key(&store_id)),
             naming_key: sub.naming,

@@ -20,6 +20,11 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -71,12 +76,15 @@ pub struct GcMetrics {
     pub last_success_unix_seconds: Gauge,
 }
 
-/// The engine's commit-path timings, fed through [`orlop_engine::Observer`].
+/// The engine's commit-path timings and read-path counts, fed through
+/// [`orlop_engine::Observer`].
 #[derive(Clone)]
 pub struct EngineObserver {
     segment_fsync_seconds: Histogram,
     index_write_seconds: Histogram,
     group_commit_requests: Histogram,
+    span_reads: Family<SourceLabels, Counter>,
+    span_read_bytes: Family<SourceLabels, Counter>,
 }
 
 impl std::fmt::Debug for EngineObserver {
@@ -94,6 +102,15 @@ impl orlop_engine::Observer for EngineObserver {
     }
     fn group_committed(&self, requests: usize) {
         self.group_commit_requests.observe(requests as f64);
+    }
+    fn span_read(&self, source: orlop_engine::SpanSource, bytes: usize) {
+        let labels = SourceLabels {
+            source: source.as_str(),
+        };
+        self.span_reads.get_or_create(&labels).inc();
+        self.span_read_bytes
+            .get_or_create(&labels)
+            .inc_by(bytes as u64);
     }
 }
 
@@ -147,7 +164,19 @@ impl Metrics {
             segment_fsync_seconds: latency_histogram(),
             index_write_seconds: latency_histogram(),
             group_commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            span_reads: Family::default(),
+            span_read_bytes: Family::default(),
         };
+        registry.register(
+            "orlop_engine_span_reads",
+            "Bulk reads of blob data (spans) by source: direct (disk, past the page cache), page_cache (held there), admitted (read often, now kept there), buffered (direct I/O off)",
+            engine.span_reads.clone(),
+        );
+        registry.register(
+            "orlop_engine_span_read_bytes",
+            "Bytes of the spans read, by source as in orlop_engine_span_reads",
+            engine.span_read_bytes.clone(),
+        );
         registry.register(
             "orlop_engine_segment_fsync_duration_seconds",
             "fsync of the active segment before a group commit",

@@ -735,7 +735,8 @@ fn idle_upload_sessions_expire() {
 fn metrics_count_requests_and_engine_commits() {
     let (_dir, reg) = start();
     let c = reg.client();
-    push_blob(&c, "m", &noise(60, 1000));
+    let digest = push_blob(&c, "m", &noise(60, 1000));
+    assert_eq!(c.get(&format!("/v2/m/blobs/{digest}")).body.len(), 1000);
     assert_eq!(c.get("/v2/m/tags/list").status, 200);
     assert_eq!(c.get("/v2/absent/tags/list").status, 404);
     let r = c.get("/metrics");
@@ -750,9 +751,17 @@ fn metrics_count_requests_and_engine_commits() {
         "orlop_engine_index_write_duration_seconds_count",
         "orlop_blob_commit_duration_seconds_count 1",
         "orlop_upload_sessions 0",
+        "orlop_engine_span_reads_total{source=",
     ] {
         assert!(m.contains(needle), "missing {needle:?} in\n{m}");
     }
+    // The pull's one span: the record (64-byte header, 16-byte tag) in whole blocks.
+    let span_bytes: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("orlop_engine_span_read_bytes_total{"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(span_bytes, 4096.0, "{m}");
     reg.stop();
 }
 

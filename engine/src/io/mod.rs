@@ -44,6 +44,11 @@ pub trait SegmentFile: Send + Sync {
     fn read_direct(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.read_at(buf, offset)
     }
+    /// Whether the page cache holds every page of `[offset, offset + len)`
+    /// (so that `read_at` would not touch the disk); false where unknown.
+    fn cached(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
 }
 
 /// A second descriptor of a file, opened with O_DIRECT on its first direct
@@ -181,6 +186,54 @@ impl DirectFd {
             None => plain.read_exact_at(buf, offset),
         }
     }
+}
+
+/// cachestat(2) (Linux 6.5): whether the page cache holds every page of the
+/// range. False where the kernel lacks the call (remembered) or it fails.
+pub(crate) fn range_cached(file: &std::fs::File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// The same number on every architecture (the generic syscall table).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    static MISSING: AtomicBool = AtomicBool::new(false);
+    if len == 0 || MISSING.load(Ordering::Relaxed) {
+        return false;
+    }
+    let range = Range { off: offset, len };
+    let mut stat = Stat::default();
+    // SAFETY: both pointers are to live, properly laid out structs; the
+    // kernel writes only `stat`.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if r != 0 {
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            MISSING.store(true, Ordering::Relaxed);
+        }
+        return false;
+    }
+    let pages = (offset + len).div_ceil(4096) - offset / 4096;
+    stat.nr_cache >= pages
 }
 
 /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: queue dirty pages for writeback.

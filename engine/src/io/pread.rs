@@ -50,4 +50,7 @@ impl SegmentFile for PreadFile {
     fn read_direct(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.1.read(&self.0, buf, offset)
     }
+    fn cached(&self, offset: u64, len: u64) -> bool {
+        super::range_cached(&self.0, offset, len)
+    }
 }

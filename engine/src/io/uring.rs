@@ -162,4 +162,7 @@ impl SegmentFile for UringFile {
     fn read_direct(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.direct.read(&self.file, buf, offset)
     }
+    fn cached(&self, offset: u64, len: u64) -> bool {
+        super::range_cached(&self.file, offset, len)
+    }
 }
