@@ -132,17 +132,26 @@ impl Stage {
 mod tests {
     use super::*;
     use crate::io::{OpenMode, PreadIo, SegmentIo};
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    /// A new segment file in a directory of its own (kept while the
+    /// returned guard lives).
+    fn new_file() -> (tempfile::TempDir, PathBuf, Arc<dyn SegmentFile>) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("seg");
+        let file = PreadIo
+            .open(&path, OpenMode::Create)
+            .unwrap_or_else(|e| panic!("{e}"));
+        (dir, path, file)
+    }
 
     /// Whatever the push sizes, the file holds exactly the bytes pushed
     /// (then zeros to the block boundary) after `write_all`, and every
     /// write was block-aligned.
     #[test]
     fn writes_whole_blocks_and_pads_the_last() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.path().join("seg");
-        let file = PreadIo
-            .open(&path, OpenMode::Create)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (_dir, path, file) = new_file();
         let mut stage = Stage::new(3 * BLOCK_BYTES, true);
         let mut want = Vec::new();
         for (i, n) in [10usize, 5000, 1, 8191, 20000, 3, 4096, 70000]
@@ -171,11 +180,7 @@ mod tests {
     /// a piece larger than the buffer gets no room (and is pushed instead).
     #[test]
     fn room_and_push_build_the_same_file() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.path().join("seg");
-        let file = PreadIo
-            .open(&path, OpenMode::Create)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (_dir, path, file) = new_file();
         let mut stage = Stage::new(3 * BLOCK_BYTES, true);
         let mut want = Vec::new();
         for (i, n) in [100usize, 9000, 4096, 1, 12288, 7000, 12289, 3, 20000]
