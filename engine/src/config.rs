@@ -87,7 +87,7 @@ pub enum SpanSource {
     /// Read through the page cache, which held all of it.
     PageCache,
     /// Read through the page cache, which keeps it: the span was read
-    /// recently before (admission on second access).
+    /// twice recently before (admission on the third read).
     Admitted,
     /// Read through the page cache because the store does not read direct.
     Buffered,

@@ -227,12 +227,21 @@ pub(crate) fn range_cached(file: &std::fs::File, offset: u64, len: u64) -> bool 
         )
     };
     if r != 0 {
-        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        // Not in this kernel, or refused (a seccomp filter): not asked again.
+        if matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOSYS | libc::EPERM)
+        ) {
             MISSING.store(true, Ordering::Relaxed);
         }
         return false;
     }
-    let pages = (offset + len).div_ceil(4096) - offset / 4096;
+    // SAFETY: sysconf reads a constant of the system.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    };
+    let pages = (offset + len).div_ceil(page) - offset / page;
     stat.nr_cache >= pages
 }
 
