@@ -35,7 +35,12 @@ pub(crate) fn open_record(
 
 /// A chunk record's header must say what the index says of it.
 pub(crate) fn check_chunk_header(h: &RecordHeader, id: &ChunkId, loc: &Location) -> Result<()> {
-    if h.kind != KIND_CHUNK || h.chunk != *id || h.raw_len != loc.raw_len || h.flags != loc.flags {
+    if h.kind != KIND_CHUNK
+        || h.chunk != *id
+        || h.raw_len != loc.raw_len
+        || h.flags != loc.flags
+        || h.payload_len != loc.payload_len
+    {
         return Err(Error::CorruptChunk {
             segment: loc.segment,
             offset: loc.offset as u64,

@@ -2,10 +2,11 @@
 
 use super::{open_in_place, Check, Plain};
 use crate::compress::Compressor;
-use crate::crypto::{nonce_for, ChunkCipher};
+use crate::crypto::{nonce_for, ChunkCipher, TAG_BYTES};
 use crate::ids::{ChunkId, SegmentId};
 use crate::index::codec::Location;
-use crate::segment::format::{RecordHeader, FLAG_ZSTD, KIND_CHUNK, RECORD_HEADER_BYTES};
+use crate::segment::format::{FLAG_ZSTD, KIND_CHUNK, RECORD_HEADER_BYTES};
+use crate::segment::{seal_record, PreparedChunk};
 
 const ENC: [u8; 32] = [7; 32];
 const NAMING: [u8; 32] = [9; 32];
@@ -15,9 +16,9 @@ fn name(plain: &[u8]) -> ChunkId {
 }
 
 /// A record at offset 4096 of segment 3 holding `plain` (compressed when
-/// `zstd`), sealed under the name `id`.
+/// `zstd`), sealed under the name `id` as the appender seals records.
 fn record(plain: &[u8], id: ChunkId, zstd: bool) -> (Vec<u8>, Location) {
-    let (flags, mut body) = if zstd {
+    let (flags, body) = if zstd {
         let mut c = Compressor::new(1).unwrap_or_else(|e| panic!("{e}"));
         let v = c
             .compress_if_smaller(plain)
@@ -27,26 +28,21 @@ fn record(plain: &[u8], id: ChunkId, zstd: bool) -> (Vec<u8>, Location) {
         (0, plain.to_vec())
     };
     let (segment, offset) = (SegmentId(3), 4096u32);
-    let nonce = nonce_for(segment, offset);
     let raw_len = plain.len() as u32;
-    let tag = ChunkCipher::new(&ENC)
-        .seal_detached(nonce, KIND_CHUNK, flags, raw_len, &id, &mut body)
-        .unwrap_or_else(|()| panic!("seal"));
-    body.extend_from_slice(&tag);
-    let h = RecordHeader {
+    let chunk = PreparedChunk {
         kind: KIND_CHUNK,
+        id,
         flags,
-        payload_len: body.len() as u32,
         raw_len,
-        chunk: id,
-        nonce,
+        body: body.into(),
     };
-    let mut rec = h.encode(&body).to_vec();
-    rec.extend_from_slice(&body);
+    let mut rec = vec![0u8; RECORD_HEADER_BYTES + chunk.body.len() + TAG_BYTES];
+    let nonce = nonce_for(segment, offset);
+    seal_record(&ChunkCipher::new(&ENC), &chunk, nonce, &mut rec).unwrap_or_else(|e| panic!("{e}"));
     let loc = Location {
         segment,
         offset,
-        payload_len: body.len() as u32,
+        payload_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
         raw_len,
         flags,
     };

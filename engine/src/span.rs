@@ -26,7 +26,6 @@ use crate::index::codec::{Location, RecipeEntry};
 use crate::io::BLOCK_BYTES;
 use crate::read::{check_chunk_header, fetch_chunk, open_in_place, Check, Plain};
 use crate::readpool::{Ahead, ReadJob, SpanBuf};
-use crate::segment::format::RECORD_HEADER_BYTES;
 use crate::store::Inner;
 use bytes::Bytes;
 
@@ -195,21 +194,18 @@ fn open_span(
 /// Opens one record of a span, checked by its AEAD tag ([`Check::Tag`])
 /// rather than its CRC32C: the tag covers the payload and, through the
 /// associated data and the nonce, the header fields that matter; the magic
-/// is checked by the header's decoding and the payload length here (the
-/// reserved bytes and the CRC itself are left to fsck). A record that fails goes to
-/// `fetch_chunk`, which checks the CRC too and reports the failure exactly.
+/// is checked by the header's decoding and the payload length by
+/// `check_chunk_header` (the reserved bytes and the CRC itself are left to
+/// fsck). A record that fails goes to `fetch_chunk`, which checks the CRC
+/// too and reports the failure exactly.
 fn open_checked(inner: &Inner, id: &ChunkId, loc: &Location, rec: &mut [u8]) -> Result<Plain> {
-    let bad = || Error::ChecksumMismatch {
-        segment: loc.segment,
-        offset: loc.offset as u64,
-    };
     if rec.len() as u64 != loc.record_len() {
-        return Err(bad());
+        return Err(Error::ChecksumMismatch {
+            segment: loc.segment,
+            offset: loc.offset as u64,
+        });
     }
     let (h, plain) = open_in_place(&inner.cipher, &inner.naming_key, loc, rec, Check::Tag)?;
-    if RECORD_HEADER_BYTES as u64 + u64::from(h.payload_len) != loc.record_len() {
-        return Err(bad());
-    }
     check_chunk_header(&h, id, loc)?;
     Ok(plain)
 }

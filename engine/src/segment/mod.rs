@@ -48,7 +48,7 @@ impl Active {
 /// Builds a chunk's record in `buf` (exactly its length): the body copied
 /// in and encrypted in place, the tag, then the header with its CRC32C.
 /// Returns the header.
-fn seal_record(
+pub(crate) fn seal_record(
     cipher: &ChunkCipher,
     chunk: &PreparedChunk,
     nonce: [u8; crate::crypto::NONCE_BYTES],
@@ -237,6 +237,15 @@ impl Segments {
         guard.as_mut().ok_or(Error::Poisoned)
     }
 
+    /// A failed write to the active segment `id`: the store is poisoned and
+    /// the segment retired, so that nothing appends to it (and reuses its
+    /// nonces) again. Returns the error to report.
+    fn retire_active(&self, guard: &mut Option<Active>, id: SegmentId, e: std::io::Error) -> Error {
+        self.poison(&e);
+        *guard = None;
+        Error::io(self.path_of(id), e)
+    }
+
     /// Writes a finished record at the active segment's end and advances it.
     /// A failed write retires the segment: nothing may append (and reuse
     /// its nonces) again.
@@ -244,9 +253,7 @@ impl Segments {
         let a = guard.as_mut().ok_or(Error::Poisoned)?;
         if let Err(e) = a.stage.push(&*a.file, record) {
             let id = a.id;
-            self.poison(&e);
-            *guard = None;
-            return Err(Error::io(self.path_of(id), e));
+            return Err(self.retire_active(guard, id, e));
         }
         a.count(&record[..RECORD_HEADER_BYTES], record.len());
         Ok(())
@@ -266,11 +273,7 @@ impl Segments {
         let nonce = nonce_for(segment, offset);
         let room = match a.stage.room(&*a.file, record_len) {
             Ok(room) => room,
-            Err(e) => {
-                self.poison(&e);
-                *guard = None;
-                return Err(Error::io(self.path_of(segment), e));
-            }
+            Err(e) => return Err(self.retire_active(&mut guard, segment, e)),
         };
         match room {
             Some(buf) => {
@@ -466,9 +469,7 @@ impl Segments {
             let (id, file, len) = (a.id, a.file.clone(), a.offset);
             // Everything appended so far reaches the file before the sync.
             if let Err(e) = a.stage.write_all(&*file) {
-                self.poison(&e);
-                *g = None;
-                return Err(Error::io(self.path_of(id), e));
+                return Err(self.retire_active(&mut g, id, e));
             }
             (id, file, len)
         };
