@@ -135,6 +135,12 @@ pub struct StoreConfig {
     pub read_only: bool,
     /// Pieces buffered between a writer and its chunking thread.
     pub write_pipeline_pieces_max: usize,
+    /// A writer that starts while this many writers are live (itself
+    /// included) cuts and appends on its caller's thread rather than on two
+    /// threads of its own: concurrent writers keep the cores busy between
+    /// them, and hand-offs between threads are dear. Defaults to the number
+    /// of cores; `usize::MAX` always starts the threads, 1 never does.
+    pub write_inline_from_writers: usize,
     /// Commit requests gathered into one group commit.
     pub group_commit_requests_max: usize,
     /// Chunks read and decoded at once ahead of a reader, at most...
@@ -166,6 +172,9 @@ impl StoreConfig {
             append_mode: crate::segment::AppendMode::Direct,
             read_only: false,
             write_pipeline_pieces_max: 8,
+            write_inline_from_writers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             group_commit_requests_max: 256,
             read_ahead_chunks: 256,
             read_ahead_bytes: 2 << 20,
@@ -197,6 +206,7 @@ impl StoreConfig {
             return Err(Error::Config("zstd_level must be 1..=19".into()));
         }
         if self.write_pipeline_pieces_max == 0
+            || self.write_inline_from_writers == 0
             || self.group_commit_requests_max == 0
             || self.read_ahead_chunks == 0
             || self.read_ahead_bytes == 0

@@ -147,6 +147,15 @@ impl Inner {
         })
     }
 
+    /// Writers registered and not yet dropped.
+    pub fn live_writers(&self) -> usize {
+        self.writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .live
+            .len()
+    }
+
     pub fn is_retiring(&self, seg: SegmentId) -> bool {
         self.retiring_any.load(Ordering::SeqCst)
             && self

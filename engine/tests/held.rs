@@ -96,7 +96,8 @@ fn crash_after_checkpoint_keeps_exactly_the_checkpoint() {
     for seed in 0..8u64 {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let io = FaultIo::new(seed, FaultConfig::default());
-        let c = fault_config(dir.path(), &io);
+        let mut c = fault_config(dir.path(), &io);
+        inline_by_seed(&mut c, seed);
         let data = noise(100 + seed, 200_000);
         let s = open(&c);
         let mut w = ok(s.writer(None));
@@ -239,7 +240,8 @@ fn repeating_held_chunks_after_resume_survives_a_crash() {
     for seed in 0..4u64 {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let io = FaultIo::new(seed, FaultConfig::default());
-        let c = fault_config(dir.path(), &io);
+        let mut c = fault_config(dir.path(), &io);
+        inline_by_seed(&mut c, seed);
         let a = noise(200 + seed, 60_000);
         let s = open(&c);
         let mut w = ok(s.writer(None));

@@ -105,7 +105,8 @@ fn check_all(store: &Store, m: &Model) {
 fn run(ops: Vec<Op>, seed: u64) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let io = FaultIo::new(seed, FaultConfig::default());
-    let cfg: StoreConfig = fault_config(dir.path(), &io);
+    let mut cfg: StoreConfig = fault_config(dir.path(), &io);
+    inline_by_seed(&mut cfg, seed);
     let mut store = Some(open(&cfg));
     let mut m = Model {
         blobs: BTreeMap::new(),

@@ -92,9 +92,10 @@ fn digest_mismatch_and_truncated_stream_commit_nothing() {
         .unwrap_or_else(|e| panic!("{e}"))
         .is_none());
     assert!(matches!(s.get(&expected), Err(Error::BlobUnknown(_))));
-    // An abandoned writer commits nothing either.
+    // An abandoned writer commits nothing either (dropped, it stops: what
+    // it had cut and appended past the chunker's 1 MiB window is left).
     let mut w = s.writer(None).unwrap_or_else(|e| panic!("{e}"));
-    w.write(Bytes::from(noise(5, 30_000)))
+    w.write(Bytes::from(noise(5, 1_500_000)))
         .unwrap_or_else(|e| panic!("{e}"));
     drop(w);
     let st = s.stats().unwrap_or_else(|e| panic!("{e}"));
@@ -229,6 +230,64 @@ fn concurrent_writers_of_shared_data() {
     assert_eq!(st.blobs, 48);
     assert!(st.dedupe_ratio() > 3.0, "{st:?}");
     assert_clean(&s);
+}
+
+#[test]
+fn writers_go_inline_when_many_are_live() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut c = small_config(dir.path());
+    c.write_inline_from_writers = 3;
+    let s = open(&c);
+    let ok = |r: Result<orlop_engine::BlobWriter, Error>| r.unwrap_or_else(|e| panic!("{e}"));
+    let mut a = ok(s.writer(None));
+    let mut b = ok(s.writer(None));
+    let mut third = ok(s.writer(None));
+    assert_eq!(
+        (a.is_inline(), b.is_inline(), third.is_inline()),
+        (false, false, true)
+    );
+    // Interleaved pieces, shared chunks among them, a checkpoint on the
+    // inline one: each blob reads back, and the store is clean.
+    let common = noise(3, 40_000);
+    let datas: Vec<Vec<u8>> = (0..3u64)
+        .map(|i| [common.clone(), noise(10 + i, 50_000), text(20 + i, 30_000)].concat())
+        .collect();
+    for off in (0..datas[0].len()).step_by(9_000) {
+        for (w, d) in [&mut a, &mut b, &mut third].into_iter().zip(&datas) {
+            let end = (off + 9_000).min(d.len());
+            w.write(Bytes::copy_from_slice(&d[off..end]))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        if off == 54_000 {
+            let held = third.checkpoint(b"t").unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(held, 63_000);
+        }
+    }
+    let infos: Vec<_> = [a, b, third]
+        .into_iter()
+        .map(|w| w.commit().unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    for (info, d) in infos.iter().zip(&datas) {
+        assert_eq!(info.digest, Digest::sha256_of(d));
+        assert!(&s.get(&info.digest).unwrap_or_else(|e| panic!("{e}")) == d);
+    }
+    assert_clean(&s);
+    // With the others gone, a lone writer runs its own threads again; an
+    // aborted inline writer leaves nothing behind.
+    let lone = ok(s.writer(None));
+    assert!(!lone.is_inline());
+    let (mut x, mut y) = (ok(s.writer(None)), ok(s.writer(None)));
+    assert!(y.is_inline());
+    y.write(Bytes::from(noise(77, 30_000)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    x.write(Bytes::from(noise(78, 30_000)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    y.abort();
+    drop(x);
+    drop(lone);
+    let r = s.verify().unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.is_clean(), "{:#?}", r.problems);
+    assert_eq!(r.pending_writes, 0);
 }
 
 #[test]

@@ -70,6 +70,12 @@ pub struct ServerConfig {
     /// whole spans, or reads through the page cache. File systems that
     /// refuse O_DIRECT get buffered I/O either way.
     pub segment_direct_io: bool,
+    /// An upload that starts while this many are being written (itself
+    /// included) cuts and appends on its own thread rather than on two
+    /// more: with many uploads at once the cores are busy anyway, and
+    /// hand-offs between threads cost more than they spread. Defaults to
+    /// the number of cores.
+    pub write_inline_from_writers: usize,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +104,7 @@ impl Default for ServerConfig {
             scrub_bytes_per_sec_max: 32 << 20,
             segment_bytes: StoreConfig::new("").segment_bytes,
             segment_direct_io: true,
+            write_inline_from_writers: StoreConfig::new("").write_inline_from_writers,
         }
     }
 }
@@ -193,6 +200,9 @@ impl ServerConfig {
             "SCRUB_BYTES_PER_SEC_MAX" => self.scrub_bytes_per_sec_max = num(value).map_err(bad)?,
             "SEGMENT_BYTES" => self.segment_bytes = num(value).map_err(bad)?,
             "SEGMENT_DIRECT_IO" => self.segment_direct_io = num(value).map_err(bad)?,
+            "WRITE_INLINE_FROM_WRITERS" => {
+                self.write_inline_from_writers = num(value).map_err(bad)?
+            }
             // Variables of other commands (ORLOP_LOG, ORLOP_STORE_KEY, ...).
             _ => {}
         }
@@ -214,6 +224,10 @@ impl ServerConfig {
             ("list_page_max", self.list_page_max as u64),
             ("request_head_timeout_secs", self.request_head_timeout_secs),
             ("scrub_bytes_per_sec_max", self.scrub_bytes_per_sec_max),
+            (
+                "write_inline_from_writers",
+                self.write_inline_from_writers as u64,
+            ),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -68,6 +68,7 @@ pub fn store_config(cfg: &ServerConfig) -> StoreConfig {
     // two queued per writer keep its threads busy, and 16 streaming uploads
     // within the memory bound.
     s.write_pipeline_pieces_max = 2;
+    s.write_inline_from_writers = cfg.write_inline_from_writers;
     s.append_mode = if cfg.segment_direct_io {
         orlop_engine::AppendMode::Direct
     } else {

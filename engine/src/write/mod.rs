@@ -22,10 +22,9 @@ use crossbeam_channel::Sender;
 use rocksdb::WriteBatch;
 use sha2::Digest as _;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 mod pipeline;
-use pipeline::chunk_worker;
+use pipeline::Pipeline;
 
 pub(crate) enum Hasher {
     Sha256(sha2::Sha256),
@@ -106,8 +105,8 @@ pub struct BlobWriter {
     hasher: Option<Hasher>,
     expected: Option<Digest>,
     size: u64,
-    tx: Option<Sender<Input>>,
-    worker: Option<JoinHandle<Result<WorkerSummary>>>,
+    /// `None` once the pipeline has finished, stopped or failed.
+    pipe: Option<Pipeline>,
     finished: bool,
     /// Registration among live writers (compaction spares what it may use);
     /// dropped last, after the commit or abort.
@@ -140,21 +139,14 @@ impl BlobWriter {
         from: Start,
     ) -> Result<Self> {
         let ticket = Arc::new(inner.register_writer()?);
-        let (tx, rx) = crossbeam_channel::bounded(inner.cfg.write_pipeline_pieces_max);
-        let i2 = inner.clone();
-        let t2 = ticket.clone();
-        let worker = std::thread::Builder::new()
-            .name("orlop-chunker".into())
-            .spawn(move || chunk_worker(i2, recipe, rx, from, t2))
-            .map_err(|e| Error::io("chunker thread", e))?;
+        let pipe = Pipeline::start(&inner, recipe, from, ticket.clone())?;
         Ok(BlobWriter {
             inner,
             recipe,
             hasher: Some(hasher),
             expected,
             size: from.size,
-            tx: Some(tx),
-            worker: Some(worker),
+            pipe: Some(pipe),
             finished: false,
             _ticket: ticket,
         })
@@ -247,18 +239,25 @@ impl BlobWriter {
         self.size
     }
 
-    fn send(&mut self, msg: Input) -> Result<()> {
-        let sent = self
-            .tx
-            .as_ref()
-            .map(|tx| tx.send(msg).is_ok())
-            .unwrap_or(false);
-        if !sent {
-            // The worker stopped early: report its error.
-            self.tx = None;
-            return Err(self.join_worker().err().unwrap_or(Error::ShuttingDown));
+    /// Whether this writer cuts and appends on the caller's thread (see
+    /// `StoreConfig::write_inline_from_writers`).
+    pub fn is_inline(&self) -> bool {
+        self.pipe.as_ref().is_some_and(Pipeline::is_inline)
+    }
+
+    /// Runs one step of the pipeline; after a failure the pipeline is gone
+    /// and the error reported is its own.
+    fn step<T>(&mut self, f: impl FnOnce(&mut Pipeline) -> Result<T>) -> Result<T> {
+        let Some(pipe) = self.pipe.as_mut() else {
+            return Err(Error::ShuttingDown);
+        };
+        match f(pipe) {
+            Ok(v) => Ok(v),
+            Err(e) => Err(match self.pipe.take() {
+                Some(p) => p.failed(e),
+                None => e,
+            }),
         }
-        Ok(())
     }
 
     /// Appends a piece. Blocks when the pipeline is full (backpressure).
@@ -281,7 +280,7 @@ impl BlobWriter {
             }
             self.size += p.len() as u64;
         }
-        self.send(Input::Pieces(pieces))
+        self.step(|p| p.pieces(pieces))
     }
 
     /// Makes every byte written so far durable and keeps the write across
@@ -294,12 +293,7 @@ impl BlobWriter {
                 "a held write's tag is at most {HELD_TAG_BYTES_MAX} bytes"
             )));
         }
-        let (rtx, rrx) = crossbeam_channel::bounded(1);
-        self.send(Input::Flush(rtx))?;
-        let sum = match rrx.recv() {
-            Ok(r) => r?,
-            Err(_) => return Err(self.join_worker().err().unwrap_or(Error::ShuttingDown)),
-        };
+        let sum = self.step(Pipeline::flush)?;
         if sum.bytes != self.size {
             return Err(Error::SizeMismatch {
                 expected: self.size,
@@ -332,25 +326,23 @@ impl BlobWriter {
     /// [`crate::Store::resume_writer`] (or an abort); bytes after it are dropped.
     pub fn detach(mut self) {
         self.finished = true;
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Input::Stop);
+        if let Some(p) = self.pipe.take() {
+            p.stop();
         }
-        let _ = self.join_worker();
     }
 
-    fn join_worker(&mut self) -> Result<WorkerSummary> {
-        self.tx = None;
-        match self.worker.take() {
-            Some(h) => h
-                .join()
-                .map_err(|_| Error::Config("chunker thread panicked".into()))?,
+    /// Ends the pipeline: every chunk appended and staged.
+    fn finish_pipeline(&mut self) -> Result<WorkerSummary> {
+        match self.pipe.take() {
+            Some(p) => p.finish(),
             None => Err(Error::ShuttingDown),
         }
     }
+
     /// Finishes the blob: checks the digest, then commits it durably.
     pub fn commit(mut self) -> Result<BlobInfo> {
         self.finished = true;
-        let summary = match self.join_worker() {
+        let summary = match self.finish_pipeline() {
             Ok(s) => s,
             Err(e) => {
                 self.discard();
@@ -408,7 +400,9 @@ impl BlobWriter {
     /// Discards the blob; its staged data becomes reclaimable.
     pub fn abort(mut self) {
         self.finished = true;
-        let _ = self.join_worker();
+        if let Some(p) = self.pipe.take() {
+            p.stop();
+        }
         self.discard();
     }
 
@@ -424,7 +418,9 @@ impl Drop for BlobWriter {
     fn drop(&mut self) {
         if !self.finished {
             self.finished = true;
-            let _ = self.join_worker();
+            if let Some(p) = self.pipe.take() {
+                p.stop();
+            }
             self.discard();
         }
     }

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use rocksdb::WriteBatch;
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 struct RecipeSpill {
     recipe: RecipeId,
@@ -88,9 +89,117 @@ fn compress_here(level: i32, chunk: &[u8]) -> Result<Option<Vec<u8>>> {
 
 /// The writer's pipeline after hashing: a cutting stage (FastCDC, BLAKE3,
 /// dedupe lookup, compression) and an appending stage (encryption, record
-/// checksum, pwrite), on two threads so that with the caller's SHA-256 the
-/// work spreads over three.
-pub(super) fn chunk_worker(
+/// checksum, pwrite). A lone writer runs them on two threads of their own,
+/// so that with the caller's SHA-256 its work spreads over three; when
+/// writers are many (as many as `write_inline_from_writers`), each runs
+/// them on its caller's thread instead: the writers keep the cores busy
+/// between them, and a blob costs no hand-offs between threads.
+pub(super) enum Pipeline {
+    Threaded {
+        tx: Sender<Input>,
+        worker: JoinHandle<Result<WorkerSummary>>,
+    },
+    Inline(Box<Cutter>),
+}
+
+impl Pipeline {
+    /// Starts the pipeline of a writer already registered by `ticket`.
+    pub fn start(
+        inner: &Arc<Inner>,
+        recipe: RecipeId,
+        from: Start,
+        ticket: Arc<WriterTicket>,
+    ) -> Result<Self> {
+        if inner.live_writers() >= inner.cfg.write_inline_from_writers {
+            let sink = Sink::Inline(Appender::new(recipe));
+            let cutter = Cutter::new(inner.clone(), recipe, sink, from, ticket)?;
+            return Ok(Pipeline::Inline(Box::new(cutter)));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(inner.cfg.write_pipeline_pieces_max);
+        let i2 = inner.clone();
+        let worker = std::thread::Builder::new()
+            .name("orlop-chunker".into())
+            .spawn(move || chunk_worker(i2, recipe, rx, from, ticket))
+            .map_err(|e| Error::io("chunker thread", e))?;
+        Ok(Pipeline::Threaded { tx, worker })
+    }
+
+    /// Whether the stages run on the caller's thread.
+    pub fn is_inline(&self) -> bool {
+        matches!(self, Pipeline::Inline(_))
+    }
+
+    /// Hands consecutive pieces of the blob on (inline: cuts them, and
+    /// appends the chunks that are final). Blocks when the pipeline is full.
+    pub fn pieces(&mut self, pieces: Vec<Bytes>) -> Result<()> {
+        match self {
+            Pipeline::Threaded { tx, .. } => tx
+                .send(Input::Pieces(pieces))
+                .map_err(|_| Error::ShuttingDown),
+            Pipeline::Inline(c) => c.pieces(pieces),
+        }
+    }
+
+    /// Cuts what is buffered (a forced boundary) and waits until every
+    /// chunk so far is appended and staged and its recipe entry written.
+    pub fn flush(&mut self) -> Result<WorkerSummary> {
+        match self {
+            Pipeline::Threaded { tx, .. } => {
+                let (rtx, rrx) = crossbeam_channel::bounded(1);
+                tx.send(Input::Flush(rtx))
+                    .map_err(|_| Error::ShuttingDown)?;
+                rrx.recv().map_err(|_| Error::ShuttingDown)?
+            }
+            Pipeline::Inline(c) => c.flush(),
+        }
+    }
+
+    /// Ends the blob: cuts and appends what is left, and returns the
+    /// counters once every chunk is appended and staged.
+    pub fn finish(self) -> Result<WorkerSummary> {
+        match self {
+            Pipeline::Threaded { tx, worker } => {
+                drop(tx);
+                worker
+                    .join()
+                    .map_err(|_| Error::Config("chunker thread panicked".into()))?
+            }
+            Pipeline::Inline(c) => c.finish(),
+        }
+    }
+
+    /// Stops without cutting what is buffered; returns once no append of
+    /// this write is in flight.
+    pub fn stop(self) {
+        match self {
+            Pipeline::Threaded { tx, worker } => {
+                let _ = tx.send(Input::Stop);
+                drop(tx);
+                let _ = worker.join();
+            }
+            Pipeline::Inline(_) => {}
+        }
+    }
+
+    /// After a step failed with `e`: the error to report, the worker's own
+    /// when `e` only says that it stopped.
+    pub fn failed(self, e: Error) -> Error {
+        match self {
+            Pipeline::Threaded { tx, worker } => {
+                drop(tx);
+                match (worker.join(), e) {
+                    (Ok(Err(own)), Error::ShuttingDown) => own,
+                    (_, e) => e,
+                }
+            }
+            Pipeline::Inline(_) => e,
+        }
+    }
+}
+
+/// The threaded pipeline's cutting thread: starts the appending thread,
+/// cuts what arrives, and returns once both are done.
+fn chunk_worker(
     inner: Arc<Inner>,
     recipe: RecipeId,
     rx: Receiver<Input>,
@@ -103,7 +212,10 @@ pub(super) fn chunk_worker(
             .name("orlop-append".into())
             .spawn_scoped(scope, || append_stage(&inner, recipe, arx))
             .map_err(|e| Error::io("append thread", e))?;
-        let cut = CutStage::new(&inner, recipe, atx, from, ticket).and_then(|stage| stage.run(rx));
+        // The cutter (and with it the appender's queue) is dropped before
+        // the appender is joined.
+        let cut = Cutter::new(inner.clone(), recipe, Sink::Thread(atx), from, ticket)
+            .and_then(|cutter| cutter.run(rx));
         let appended = appender
             .join()
             .map_err(|_| Error::Config("append thread panicked".into()))?;
@@ -112,17 +224,124 @@ pub(super) fn chunk_worker(
     })
 }
 
+/// The chunker and the cutting stage that takes its chunks.
+pub(super) struct Cutter {
+    chunker: Chunker,
+    stage: CutStage,
+}
+
+impl Cutter {
+    fn new(
+        inner: Arc<Inner>,
+        recipe: RecipeId,
+        sink: Sink,
+        from: Start,
+        ticket: Arc<WriterTicket>,
+    ) -> Result<Self> {
+        Ok(Cutter {
+            chunker: Chunker::new(inner.cfg.chunk),
+            stage: CutStage::new(inner, recipe, sink, from, ticket)?,
+        })
+    }
+
+    fn pieces(&mut self, pieces: Vec<Bytes>) -> Result<()> {
+        let stage = &mut self.stage;
+        for piece in pieces {
+            self.chunker.push(&piece, &mut |c| stage.push(c))?;
+        }
+        Ok(())
+    }
+
+    /// Cuts what is buffered, then waits until every chunk so far is
+    /// appended and staged and every recipe entry is written.
+    fn flush(&mut self) -> Result<WorkerSummary> {
+        let stage = &mut self.stage;
+        self.chunker.finish(&mut |c| stage.push(c))?;
+        stage.process()?;
+        stage.spill.flush(&stage.inner)?;
+        stage.sum.parts = stage.spill.part_no;
+        stage.sink.barrier(&stage.inner)?;
+        stage.held = true;
+        Ok(stage.sum)
+    }
+
+    fn finish(mut self) -> Result<WorkerSummary> {
+        let stage = &mut self.stage;
+        self.chunker.finish(&mut |c| stage.push(c))?;
+        stage.process()?;
+        stage.spill.flush(&stage.inner)?;
+        stage.sum.parts = stage.spill.part_no;
+        // Inline, the staged placements are written here; threaded, the
+        // appender writes them once its queue closes.
+        if let Sink::Inline(a) = &mut stage.sink {
+            a.write_staged(&stage.inner)?;
+        }
+        Ok(stage.sum)
+    }
+
+    /// The threaded pipeline's loop.
+    fn run(mut self, rx: Receiver<Input>) -> Result<WorkerSummary> {
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                Input::Pieces(pieces) => self.pieces(pieces)?,
+                Input::Flush(reply) => {
+                    let r = self.flush();
+                    let failed = r.is_err();
+                    let _ = reply.send(r);
+                    if failed {
+                        return Err(Error::ShuttingDown);
+                    }
+                }
+                Input::Stop => return Ok(self.stage.sum),
+            }
+        }
+        self.finish()
+    }
+}
+
+/// Where the cutting stage sends the chunks it prepared.
+enum Sink {
+    /// To the appending stage, on its own thread.
+    Thread(Sender<AppendMsg>),
+    /// Appended on the cutting stage's thread.
+    Inline(Appender),
+}
+
+impl Sink {
+    fn chunks(&mut self, inner: &Inner, chunks: Vec<PreparedChunk>) -> Result<()> {
+        match self {
+            // A closed queue means the appender failed; its error is reported.
+            Sink::Thread(tx) => tx
+                .send(AppendMsg::Chunks(chunks))
+                .map_err(|_| Error::ShuttingDown),
+            Sink::Inline(a) => a.append(inner, chunks),
+        }
+    }
+
+    /// Returns once every chunk sent is appended and its placement staged.
+    fn barrier(&mut self, inner: &Inner) -> Result<()> {
+        match self {
+            Sink::Thread(tx) => {
+                let (btx, brx) = crossbeam_channel::bounded(1);
+                tx.send(AppendMsg::Barrier(btx))
+                    .map_err(|_| Error::ShuttingDown)?;
+                brx.recv().map_err(|_| Error::ShuttingDown)?
+            }
+            Sink::Inline(a) => a.write_staged(inner),
+        }
+    }
+}
+
 /// The cutting stage's state.
-struct CutStage<'a> {
-    inner: &'a Inner,
+struct CutStage {
+    inner: Arc<Inner>,
     recipe: RecipeId,
     spill: RecipeSpill,
     sum: WorkerSummary,
     sent: HashSet<ChunkId>,
-    staged_cf: &'a rocksdb::ColumnFamily,
     level: i32,
     batch: Vec<Bytes>,
-    atx: Sender<AppendMsg>,
+    sink: Sink,
     /// Some of this write's staged placements were made durable (by a
     /// checkpoint, now or before a restart). Such a placement must never be
     /// replaced by one that is not yet durable, so from then on a chunk
@@ -131,16 +350,15 @@ struct CutStage<'a> {
     ticket: Arc<WriterTicket>,
 }
 
-impl<'a> CutStage<'a> {
+impl CutStage {
     fn new(
-        inner: &'a Inner,
+        inner: Arc<Inner>,
         recipe: RecipeId,
-        atx: Sender<AppendMsg>,
+        sink: Sink,
         from: Start,
         ticket: Arc<WriterTicket>,
     ) -> Result<Self> {
         Ok(CutStage {
-            inner,
             recipe,
             spill: RecipeSpill {
                 recipe,
@@ -157,56 +375,13 @@ impl<'a> CutStage<'a> {
                 parts: from.parts,
             },
             sent: HashSet::new(),
-            staged_cf: inner.index.cf(CF_STAGED)?,
             level: inner.cfg.zstd_level,
             batch: Vec::with_capacity(CUT_BATCH_CHUNKS),
-            atx,
+            sink,
             held: from.parts > 0,
             ticket,
+            inner,
         })
-    }
-
-    fn run(mut self, rx: Receiver<Input>) -> Result<WorkerSummary> {
-        let mut chunker = Chunker::new(self.inner.cfg.chunk);
-        while let Ok(msg) = rx.recv() {
-            match msg {
-                Input::Pieces(pieces) => {
-                    for piece in pieces {
-                        chunker.push(&piece, &mut |c| self.push(c))?;
-                    }
-                }
-                Input::Flush(reply) => {
-                    let r = self.flush(&mut chunker);
-                    let failed = r.is_err();
-                    let _ = reply.send(r);
-                    if failed {
-                        return Err(Error::ShuttingDown);
-                    }
-                }
-                Input::Stop => return Ok(self.sum),
-            }
-        }
-        chunker.finish(&mut |c| self.push(c))?;
-        self.process()?;
-        self.spill.flush(self.inner)?;
-        self.sum.parts = self.spill.part_no;
-        Ok(self.sum)
-    }
-
-    /// Cuts what is buffered, then waits until every chunk so far is
-    /// appended and staged and every recipe entry is written.
-    fn flush(&mut self, chunker: &mut Chunker) -> Result<WorkerSummary> {
-        chunker.finish(&mut |c| self.push(c))?;
-        self.process()?;
-        self.spill.flush(self.inner)?;
-        self.sum.parts = self.spill.part_no;
-        let (btx, brx) = crossbeam_channel::bounded(1);
-        self.atx
-            .send(AppendMsg::Barrier(btx))
-            .map_err(|_| Error::ShuttingDown)?;
-        brx.recv().map_err(|_| Error::ShuttingDown)??;
-        self.held = true;
-        Ok(self.sum)
     }
 
     /// Whether this write already has a placement staged for `id`.
@@ -229,7 +404,7 @@ impl<'a> CutStage<'a> {
     /// Names the batch and looks each chunk up; compression of the chunks
     /// that the probe finds compressible runs in parallel on the pool.
     fn process(&mut self) -> Result<()> {
-        let inner = self.inner;
+        let inner = &*self.inner;
         let mut named = Vec::with_capacity(self.batch.len());
         for chunk in std::mem::take(&mut self.batch) {
             let id = inner.chunk_id(&chunk);
@@ -289,7 +464,7 @@ impl<'a> CutStage<'a> {
                 match shared {
                     // Appended by another writer, not yet committed: share its placement.
                     Some(loc) => self.spill.batch.put_cf(
-                        self.staged_cf,
+                        inner.index.cf(CF_STAGED)?,
                         staged_key(self.recipe, &id),
                         loc.encode(),
                     ),
@@ -318,53 +493,71 @@ impl<'a> CutStage<'a> {
             }
         }
         if !to_append.is_empty() {
-            // A closed queue means the appender failed; its error is reported.
-            self.atx
-                .send(AppendMsg::Chunks(to_append))
-                .map_err(|_| Error::ShuttingDown)?;
+            self.sink.chunks(inner, to_append)?;
         }
         Ok(())
     }
 }
 
 /// Encrypts and appends chunks in order, recording their staged placements.
-fn append_stage(inner: &Inner, recipe: RecipeId, rx: Receiver<AppendMsg>) -> Result<()> {
-    let staged_cf = inner.index.cf(CF_STAGED)?;
-    let mut batch = WriteBatch::default();
-    for msg in rx {
-        let chunks = match msg {
-            AppendMsg::Chunks(c) => c,
-            AppendMsg::Barrier(reply) => {
-                let r = if batch.is_empty() {
-                    Ok(())
-                } else {
-                    inner.index.write_unsynced(std::mem::take(&mut batch))
-                };
-                let failed = r.is_err();
-                let _ = reply.send(r);
-                if failed {
-                    return Err(Error::ShuttingDown);
-                }
-                continue;
-            }
-        };
+struct Appender {
+    recipe: RecipeId,
+    /// Staged placements not yet written to the index.
+    batch: WriteBatch,
+}
+
+impl Appender {
+    fn new(recipe: RecipeId) -> Self {
+        Appender {
+            recipe,
+            batch: WriteBatch::default(),
+        }
+    }
+
+    fn append(&mut self, inner: &Inner, chunks: Vec<PreparedChunk>) -> Result<()> {
+        let staged_cf = inner.index.cf(CF_STAGED)?;
         for chunk in chunks {
             let id = chunk.id;
             let loc = inner.segments.append(&inner.cipher, &chunk)?;
             {
                 let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
                 if fl.len() < INFLIGHT_CHUNKS_MAX {
-                    fl.entry(id).or_insert((loc, recipe));
+                    fl.entry(id).or_insert((loc, self.recipe));
                 }
             }
-            batch.put_cf(staged_cf, staged_key(recipe, &id), loc.encode());
-            if batch.len() >= STAGED_BATCH_ENTRIES {
-                inner.index.write_unsynced(std::mem::take(&mut batch))?;
+            self.batch
+                .put_cf(staged_cf, staged_key(self.recipe, &id), loc.encode());
+            if self.batch.len() >= STAGED_BATCH_ENTRIES {
+                self.write_staged(inner)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the staged placements gathered so far (unsynced).
+    fn write_staged(&mut self, inner: &Inner) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        inner.index.write_unsynced(std::mem::take(&mut self.batch))
+    }
+}
+
+/// The threaded pipeline's appending thread.
+fn append_stage(inner: &Inner, recipe: RecipeId, rx: Receiver<AppendMsg>) -> Result<()> {
+    let mut appender = Appender::new(recipe);
+    for msg in rx {
+        match msg {
+            AppendMsg::Chunks(chunks) => appender.append(inner, chunks)?,
+            AppendMsg::Barrier(reply) => {
+                let r = appender.write_staged(inner);
+                let failed = r.is_err();
+                let _ = reply.send(r);
+                if failed {
+                    return Err(Error::ShuttingDown);
+                }
             }
         }
     }
-    if !batch.is_empty() {
-        inner.index.write_unsynced(batch)?;
-    }
-    Ok(())
+    appender.write_staged(inner)
 }
