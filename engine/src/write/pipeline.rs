@@ -112,8 +112,8 @@ impl Pipeline {
     ) -> Result<Self> {
         if inner.live_writers() >= inner.cfg.write_inline_from_writers {
             let sink = Sink::Inline(Appender::new(recipe));
-            let cutter = Cutter::new(inner.clone(), recipe, sink, from, ticket)?;
-            return Ok(Pipeline::Inline(Box::new(cutter)));
+            let stage = CutStage::new(inner.clone(), recipe, sink, from, ticket)?;
+            return Ok(Pipeline::Inline(Box::new(Cutter::new(stage))));
         }
         let (tx, rx) = crossbeam_channel::bounded(inner.cfg.write_pipeline_pieces_max);
         let i2 = inner.clone();
@@ -214,8 +214,8 @@ fn chunk_worker(
             .map_err(|e| Error::io("append thread", e))?;
         // The cutter (and with it the appender's queue) is dropped before
         // the appender is joined.
-        let cut = Cutter::new(inner.clone(), recipe, Sink::Thread(atx), from, ticket)
-            .and_then(|cutter| cutter.run(rx));
+        let cut = CutStage::new(inner.clone(), recipe, Sink::Thread(atx), from, ticket)
+            .and_then(|stage| Cutter::new(stage).run(rx));
         let appended = appender
             .join()
             .map_err(|_| Error::Config("append thread panicked".into()))?;
@@ -231,17 +231,11 @@ pub(super) struct Cutter {
 }
 
 impl Cutter {
-    fn new(
-        inner: Arc<Inner>,
-        recipe: RecipeId,
-        sink: Sink,
-        from: Start,
-        ticket: Arc<WriterTicket>,
-    ) -> Result<Self> {
-        Ok(Cutter {
-            chunker: Chunker::new(inner.cfg.chunk),
-            stage: CutStage::new(inner, recipe, sink, from, ticket)?,
-        })
+    fn new(stage: CutStage) -> Self {
+        Cutter {
+            chunker: Chunker::new(stage.inner.cfg.chunk),
+            stage,
+        }
     }
 
     fn pieces(&mut self, pieces: Vec<Bytes>) -> Result<()> {
@@ -255,28 +249,33 @@ impl Cutter {
     /// Cuts what is buffered, then waits until every chunk so far is
     /// appended and staged and every recipe entry is written.
     fn flush(&mut self) -> Result<WorkerSummary> {
+        self.cut_rest()?;
         let stage = &mut self.stage;
-        self.chunker.finish(&mut |c| stage.push(c))?;
-        stage.process()?;
-        stage.spill.flush(&stage.inner)?;
-        stage.sum.parts = stage.spill.part_no;
         stage.sink.barrier(&stage.inner)?;
         stage.held = true;
         Ok(stage.sum)
     }
 
     fn finish(mut self) -> Result<WorkerSummary> {
+        self.cut_rest()?;
         let stage = &mut self.stage;
-        self.chunker.finish(&mut |c| stage.push(c))?;
-        stage.process()?;
-        stage.spill.flush(&stage.inner)?;
-        stage.sum.parts = stage.spill.part_no;
         // Inline, the staged placements are written here; threaded, the
         // appender writes them once its queue closes.
         if let Sink::Inline(a) = &mut stage.sink {
             a.write_staged(&stage.inner)?;
         }
         Ok(stage.sum)
+    }
+
+    /// Cuts what is buffered (a boundary, forced unless at the end),
+    /// prepares and sends every chunk, and writes the recipe so far.
+    fn cut_rest(&mut self) -> Result<()> {
+        let stage = &mut self.stage;
+        self.chunker.finish(&mut |c| stage.push(c))?;
+        stage.process()?;
+        stage.spill.flush(&stage.inner)?;
+        stage.sum.parts = stage.spill.part_no;
+        Ok(())
     }
 
     /// The threaded pipeline's loop.
