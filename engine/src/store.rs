@@ -147,6 +147,15 @@ impl Inner {
         })
     }
 
+    /// Drops a write's uncommitted placements from the shared map (a
+    /// detached write: nobody may dedupe against them any more).
+    pub fn forget_inflight(&self, recipe: RecipeId) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (_, owner)| *owner != recipe);
+    }
+
     /// Writers registered and not yet dropped.
     pub fn live_writers(&self) -> usize {
         self.writers

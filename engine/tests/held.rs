@@ -294,3 +294,45 @@ fn repeating_held_chunks_after_resume_survives_a_crash() {
         assert_no_pending(&s);
     }
 }
+
+#[test]
+fn a_detached_write_shares_nothing_that_compaction_may_delete() {
+    // A write appends chunks past its checkpoint, then is detached: those
+    // records are dead (a resume drops them), so compaction may delete
+    // their segments. No later writer may dedupe against them. Both modes:
+    // inline (staged placements still batched when detached) and threaded.
+    for seed in 0..2u64 {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut c = small_config(dir.path());
+        inline_by_seed(&mut c, seed);
+        let s = open(&c);
+        let data = noise(400 + seed, 3_500_000);
+        let (held, after) = data.split_at(2_000_000);
+        let mut w = ok(s.writer(None));
+        write_all(&mut w, held);
+        ok(w.checkpoint(b"d"));
+        // More than the chunker's 1 MiB window, so that chunks are cut,
+        // appended and (some of them) not yet staged.
+        write_all(&mut w, after);
+        let recipe = w.recipe();
+        w.detach();
+        let opts = orlop_engine::CompactOptions {
+            live_fraction_max: 1.0,
+            ..orlop_engine::CompactOptions::default()
+        };
+        ok(s.compact(&opts, &mut |_| {}));
+        // The same bytes again, cut at the same boundaries (the checkpoint
+        // forced one where `after` starts).
+        let info = ok(s.put(after, None));
+        assert!(ok(s.get(&info.digest)) == after, "seed {seed}");
+        let r = ok(s.verify());
+        assert!(r.is_clean(), "seed {seed}: {:#?}", r.problems);
+        // The held write resumes and commits whole.
+        let mut w = ok(s.resume_writer(recipe));
+        write_all(&mut w, after);
+        let info = ok(w.commit());
+        assert!(ok(s.get(&info.digest)) == data, "seed {seed}");
+        let r = ok(s.verify());
+        assert!(r.is_clean(), "seed {seed}: {:#?}", r.problems);
+    }
+}

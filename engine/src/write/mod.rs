@@ -329,6 +329,11 @@ impl BlobWriter {
         if let Some(p) = self.pipe.take() {
             p.stop();
         }
+        // What was appended after the checkpoint is dead (a resume cuts it
+        // again), and an inline writer may not have staged it: once this
+        // writer's floor is gone, compaction may delete it, so no other
+        // writer may share it.
+        self.inner.forget_inflight(self.recipe);
     }
 
     /// Ends the pipeline: every chunk appended and staged.
