@@ -14,7 +14,7 @@ use crate::commit::Request;
 use crate::error::{Error, Result};
 use crate::ids::{Digest, DigestAlgorithm, RecipeId};
 use crate::index::codec::{recipe_key, recipe_prefix, HeldEntry, RecipePart, HELD_TAG_BYTES_MAX};
-use crate::index::{CF_PENDING, CF_RECIPES};
+use crate::index::{CF_PENDING, CF_RECIPES, CF_STAGED};
 use crate::segment::PreparedChunk;
 use crate::store::{now_unix_ms, BlobInfo, Inner, WriterTicket};
 use bytes::Bytes;
@@ -94,6 +94,39 @@ struct Start {
     size: u64,
     chunks: u64,
     parts: u32,
+}
+
+/// Deletes a held write's staged placements of chunks its held parts do
+/// not name: they were staged after the checkpoint, never made durable, and
+/// a crash may have lost their records while the index kept them. The
+/// resumed write stores such chunks again.
+fn drop_unheld_placements(
+    inner: &Inner,
+    recipe: RecipeId,
+    named: &std::collections::HashSet<crate::ids::ChunkId>,
+) -> Result<()> {
+    let cf = inner.index.cf(CF_STAGED)?;
+    let prefix = recipe_prefix(recipe);
+    let mut b = WriteBatch::default();
+    for kv in inner.index.scan_prefix(CF_STAGED, &prefix)? {
+        let (k, _) = kv?;
+        let id = k
+            .get(8..40)
+            .and_then(|s| <[u8; 32]>::try_from(s).ok())
+            .map(crate::ids::ChunkId);
+        if !id.is_some_and(|id| named.contains(&id)) {
+            b.delete_cf(cf, &k);
+        }
+    }
+    if !b.is_empty() {
+        tracing::debug!(
+            recipe = recipe.0,
+            placements = b.len(),
+            "dropping placements staged after the checkpoint"
+        );
+        inner.index.write_unsynced(b)?;
+    }
+    Ok(())
 }
 
 /// A blob being written. Call [`BlobWriter::commit`] to make it durable and
@@ -179,6 +212,7 @@ impl BlobWriter {
         );
         let mut hasher = Hasher::new(held.algorithm);
         let (mut size, mut chunks) = (0u64, 0u64);
+        let mut named = std::collections::HashSet::new();
         for part_no in 0..held.parts {
             let v = inner
                 .index
@@ -188,6 +222,7 @@ impl BlobWriter {
                     reason: format!("held write {} lacks recipe part {part_no}", recipe.0),
                 })?;
             for e in RecipePart::decode(&v)?.entries {
+                named.insert(e.chunk);
                 let data = crate::read::fetch_staged_or_stored(&inner, recipe, &e)?;
                 hasher.update(&data);
                 size += data.len() as u64;
@@ -203,6 +238,7 @@ impl BlobWriter {
                 ),
             });
         }
+        drop_unheld_placements(&inner, recipe, &named)?;
         let from = Start {
             size,
             chunks,
