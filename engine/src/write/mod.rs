@@ -1,7 +1,8 @@
 //! The write path: a blob arrives as pieces; the caller's thread computes its
-//! SHA-256 while a worker thread cuts chunks, names them, deduplicates,
-//! compresses, encrypts and appends them, spilling the recipe to the index in
-//! parts. Memory is bounded by the pipeline depth, the chunker window and one
+//! SHA-256, and the pipeline after it (two threads of the writer's own, or
+//! the caller's thread when many writers are live) cuts chunks, names them,
+//! deduplicates, compresses, encrypts and appends them, spilling the recipe
+//! to the index in parts. Memory is bounded by the pipeline depth, the chunker window and one
 //! recipe part, whatever the blob's size.
 //!
 //! A write can be *checkpointed* (everything so far made durable and kept
@@ -58,7 +59,7 @@ impl Hasher {
     }
 }
 
-/// Counters from the chunking worker.
+/// Counters from the cutting stage.
 #[derive(Default, Debug, Clone, Copy)]
 struct WorkerSummary {
     chunks: u64,
@@ -75,7 +76,8 @@ enum Input {
     /// Cut what is buffered (a forced boundary), drain the pipeline, and
     /// report the counters once every chunk so far is appended and staged.
     Flush(Sender<Result<WorkerSummary>>),
-    /// Stop at once, dropping what is buffered (the write is being detached).
+    /// Stop, dropping what is buffered (the write is being detached,
+    /// aborted or dropped); pieces queued before it are still cut.
     Stop,
 }
 
@@ -302,9 +304,10 @@ impl BlobWriter {
     }
 
     /// Appends consecutive pieces as one step of the pipeline (a request
-    /// body's frames, say): one hand-off to the chunking thread, which
-    /// copies them into its window, instead of one per piece or a copy
-    /// into one piece first. Blocks when the pipeline is full.
+    /// body's frames, say): one hand-off to the cutting thread (or, inline,
+    /// one pass of the chunker), which copies them into its window, instead
+    /// of one per piece or a copy into one piece first. Blocks when the
+    /// pipeline is full.
     pub fn write_pieces(&mut self, mut pieces: Vec<Bytes>) -> Result<()> {
         pieces.retain(|p| !p.is_empty());
         if pieces.is_empty() {

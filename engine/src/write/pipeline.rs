@@ -1,6 +1,7 @@
 //! The writer's pipeline after hashing: the cutting stage (FastCDC, BLAKE3
 //! names, dedupe lookups, compression) and the appending stage
-//! (encryption, record checksums, appends), each on its own thread.
+//! (encryption, record checksums, appends), each on its own thread for a
+//! lone writer, or both on the caller's thread among many (`Pipeline`).
 
 use super::{AppendMsg, Input, Start, WorkerSummary};
 use crate::chunker::Chunker;
@@ -112,7 +113,7 @@ impl Pipeline {
     ) -> Result<Self> {
         if inner.live_writers() >= inner.cfg.write_inline_from_writers {
             let sink = Sink::Inline(Appender::new(recipe));
-            let stage = CutStage::new(inner.clone(), recipe, sink, from, ticket)?;
+            let stage = CutStage::new(inner.clone(), recipe, sink, from, ticket);
             return Ok(Pipeline::Inline(Box::new(Cutter::new(stage))));
         }
         let (tx, rx) = crossbeam_channel::bounded(inner.cfg.write_pipeline_pieces_max);
@@ -168,7 +169,8 @@ impl Pipeline {
         }
     }
 
-    /// Stops without cutting what is buffered; returns once no append of
+    /// Stops: pieces already queued to a threaded pipeline are still cut,
+    /// what is buffered after them is dropped; returns once no append of
     /// this write is in flight.
     pub fn stop(self) {
         match self {
@@ -189,6 +191,9 @@ impl Pipeline {
                 drop(tx);
                 match (worker.join(), e) {
                     (Ok(Err(own)), Error::ShuttingDown) => own,
+                    (Err(_), Error::ShuttingDown) => {
+                        Error::Config("chunker thread panicked".into())
+                    }
                     (_, e) => e,
                 }
             }
@@ -214,8 +219,8 @@ fn chunk_worker(
             .map_err(|e| Error::io("append thread", e))?;
         // The cutter (and with it the appender's queue) is dropped before
         // the appender is joined.
-        let cut = CutStage::new(inner.clone(), recipe, Sink::Thread(atx), from, ticket)
-            .and_then(|stage| Cutter::new(stage).run(rx));
+        let stage = CutStage::new(inner.clone(), recipe, Sink::Thread(atx), from, ticket);
+        let cut = Cutter::new(stage).run(rx);
         let appended = appender
             .join()
             .map_err(|_| Error::Config("append thread panicked".into()))?;
@@ -356,8 +361,8 @@ impl CutStage {
         sink: Sink,
         from: Start,
         ticket: Arc<WriterTicket>,
-    ) -> Result<Self> {
-        Ok(CutStage {
+    ) -> Self {
+        CutStage {
             recipe,
             spill: RecipeSpill {
                 recipe,
@@ -380,7 +385,7 @@ impl CutStage {
             held: from.parts > 0,
             ticket,
             inner,
-        })
+        }
     }
 
     /// Whether this write already has a placement staged for `id`.
