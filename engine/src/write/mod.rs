@@ -13,7 +13,7 @@
 
 use crate::commit::Request;
 use crate::error::{Error, Result};
-use crate::ids::{Digest, DigestAlgorithm, RecipeId};
+use crate::ids::{ChunkId, Digest, DigestAlgorithm, RecipeId};
 use crate::index::codec::{recipe_key, recipe_prefix, HeldEntry, RecipePart, HELD_TAG_BYTES_MAX};
 use crate::index::{CF_PENDING, CF_RECIPES, CF_STAGED};
 use crate::segment::PreparedChunk;
@@ -105,17 +105,14 @@ struct Start {
 fn drop_unheld_placements(
     inner: &Inner,
     recipe: RecipeId,
-    named: &std::collections::HashSet<crate::ids::ChunkId>,
+    named: &std::collections::HashSet<ChunkId>,
 ) -> Result<()> {
     let cf = inner.index.cf(CF_STAGED)?;
     let prefix = recipe_prefix(recipe);
     let mut b = WriteBatch::default();
     for kv in inner.index.scan_prefix(CF_STAGED, &prefix)? {
         let (k, _) = kv?;
-        let id = k
-            .get(8..40)
-            .and_then(|s| <[u8; 32]>::try_from(s).ok())
-            .map(crate::ids::ChunkId);
+        let id = k.get(8..).and_then(ChunkId::from_slice);
         if !id.is_some_and(|id| named.contains(&id)) {
             b.delete_cf(cf, &k);
         }

@@ -161,9 +161,7 @@ impl Pipeline {
         match self {
             Pipeline::Threaded { tx, worker } => {
                 drop(tx);
-                worker
-                    .join()
-                    .map_err(|_| Error::Config("chunker thread panicked".into()))?
+                join(worker)
             }
             Pipeline::Inline(c) => c.finish(),
         }
@@ -189,17 +187,21 @@ impl Pipeline {
         match self {
             Pipeline::Threaded { tx, worker } => {
                 drop(tx);
-                match (worker.join(), e) {
-                    (Ok(Err(own)), Error::ShuttingDown) => own,
-                    (Err(_), Error::ShuttingDown) => {
-                        Error::Config("chunker thread panicked".into())
-                    }
+                match (join(worker), e) {
+                    (Err(own), Error::ShuttingDown) => own,
                     (_, e) => e,
                 }
             }
             Pipeline::Inline(_) => e,
         }
     }
+}
+
+/// Waits for the threaded pipeline's cutting thread; a panic is an error.
+fn join(worker: JoinHandle<Result<WorkerSummary>>) -> Result<WorkerSummary> {
+    worker
+        .join()
+        .map_err(|_| Error::Config("chunker thread panicked".into()))?
 }
 
 /// The threaded pipeline's cutting thread: starts the appending thread,
