@@ -73,13 +73,16 @@ pub(crate) struct Inner {
 }
 
 /// The live writers: each one's *floor* (the lowest segment its appends,
-/// or placements it shares from another writer, can be in) and the
-/// compaction generation it started in.
+/// or placements it shares from another writer, can be in), the
+/// compaction generation it started in, and whether it is parked.
 #[derive(Default)]
 pub(crate) struct Writers {
     next: u64,
     pub generation: u64,
     pub live: BTreeMap<u64, (Arc<AtomicU64>, u64)>,
+    /// Writers parked at a checkpoint (an upload session between two
+    /// requests, or one its client left): live, but not writing.
+    parked: HashSet<u64>,
 }
 
 /// A writer's registration; dropping it ends it.
@@ -87,6 +90,9 @@ pub(crate) struct WriterTicket {
     inner: Arc<Inner>,
     id: u64,
     pub floor: Arc<AtomicU64>,
+    /// Busy writers when this one registered, itself included (see
+    /// `StoreConfig::write_inline_from_writers`).
+    pub busy_at_start: usize,
 }
 
 impl WriterTicket {
@@ -107,14 +113,25 @@ impl WriterTicket {
     }
 }
 
+impl WriterTicket {
+    /// Marks the writer parked (after a checkpoint: it may not write again
+    /// for a long while) or busy (it writes). Parked writers do not count
+    /// in a new writer's `busy_at_start`.
+    pub fn set_parked(&self, parked: bool) {
+        let mut g = self.inner.writers.lock().unwrap_or_else(|p| p.into_inner());
+        if parked {
+            g.parked.insert(self.id);
+        } else {
+            g.parked.remove(&self.id);
+        }
+    }
+}
+
 impl Drop for WriterTicket {
     fn drop(&mut self) {
-        self.inner
-            .writers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .live
-            .remove(&self.id);
+        let mut g = self.inner.writers.lock().unwrap_or_else(|p| p.into_inner());
+        g.live.remove(&self.id);
+        g.parked.remove(&self.id);
     }
 }
 
@@ -140,10 +157,12 @@ impl Inner {
         let id = g.next;
         let generation = g.generation;
         g.live.insert(id, (floor.clone(), generation));
+        let busy_at_start = g.live.len().saturating_sub(g.parked.len());
         Ok(WriterTicket {
             inner: self.clone(),
             id,
             floor,
+            busy_at_start,
         })
     }
 
@@ -154,15 +173,6 @@ impl Inner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, (_, owner)| *owner != recipe);
-    }
-
-    /// Writers registered and not yet dropped.
-    pub fn live_writers(&self) -> usize {
-        self.writers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .live
-            .len()
     }
 
     pub fn is_retiring(&self, seg: SegmentId) -> bool {

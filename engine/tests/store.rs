@@ -290,6 +290,49 @@ fn writers_go_inline_when_many_are_live() {
     assert_eq!(r.pending_writes, 0);
 }
 
+/// A writer parked at a checkpoint (an upload session between requests, or
+/// one its client left) does not count among the busy writers that make a
+/// new one cut inline; once it writes again, it does.
+#[test]
+fn parked_writers_do_not_make_new_ones_inline() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut c = small_config(dir.path());
+    c.write_inline_from_writers = 2;
+    let s = open(&c);
+    let ok = |r: Result<orlop_engine::BlobWriter, Error>| r.unwrap_or_else(|e| panic!("{e}"));
+    let put = |w: &mut orlop_engine::BlobWriter, d: &[u8]| {
+        w.write(Bytes::copy_from_slice(d))
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let datas: Vec<Vec<u8>> = (0..3u64).map(|i| noise(40 + i, 60_000)).collect();
+    let mut a = ok(s.writer(None));
+    put(&mut a, &datas[0][..30_000]);
+    assert_eq!(a.checkpoint(b"a").unwrap_or_else(|e| panic!("{e}")), 30_000);
+    let mut b = ok(s.writer(None));
+    assert!(!b.is_inline(), "a parked writer counted as busy");
+    put(&mut a, &datas[0][30_000..]);
+    let mut third = ok(s.writer(None));
+    assert!(third.is_inline(), "a writer writing again did not count");
+    put(&mut b, &datas[1]);
+    put(&mut third, &datas[2]);
+    for (w, d) in [a, b, third].into_iter().zip(&datas) {
+        let info = w.commit().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(info.digest, Digest::sha256_of(d));
+        assert!(&s.get(&info.digest).unwrap_or_else(|e| panic!("{e}")) == d);
+    }
+    // Parked, then dropped: the count forgets it.
+    let mut p = ok(s.writer(None));
+    put(&mut p, &datas[0][..10_000]);
+    p.checkpoint(b"p").unwrap_or_else(|e| panic!("{e}"));
+    let held = p.recipe();
+    p.detach();
+    let (x, y) = (ok(s.writer(None)), ok(s.writer(None)));
+    assert_eq!((x.is_inline(), y.is_inline()), (false, true));
+    drop((x, y));
+    s.abort_held(held).unwrap_or_else(|e| panic!("{e}"));
+    assert_clean(&s);
+}
+
 #[test]
 fn io_uring_backend_or_clean_fallback() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -140,9 +140,12 @@ pub struct BlobWriter {
     /// `None` once the pipeline has finished, stopped or failed.
     pipe: Option<Pipeline>,
     finished: bool,
+    /// Parked at a checkpoint (see [`WriterTicket::set_parked`]) until the
+    /// next write.
+    parked: bool,
     /// Registration among live writers (compaction spares what it may use);
     /// dropped last, after the commit or abort.
-    _ticket: Arc<WriterTicket>,
+    ticket: Arc<WriterTicket>,
 }
 
 impl BlobWriter {
@@ -180,7 +183,8 @@ impl BlobWriter {
             size: from.size,
             pipe: Some(pipe),
             finished: false,
-            _ticket: ticket,
+            parked: false,
+            ticket,
         })
     }
 
@@ -310,6 +314,10 @@ impl BlobWriter {
         if pieces.is_empty() {
             return Ok(());
         }
+        if self.parked {
+            self.ticket.set_parked(false);
+            self.parked = false;
+        }
         for p in &pieces {
             if let Some(h) = self.hasher.as_mut() {
                 h.update(p);
@@ -354,6 +362,11 @@ impl BlobWriter {
             held,
             reply,
         })?;
+        // Held: an upload session between requests, which may not write
+        // again for minutes, so it does not count among the busy writers
+        // that make new ones cut inline.
+        self.ticket.set_parked(true);
+        self.parked = true;
         Ok(self.size)
     }
 

@@ -111,7 +111,7 @@ impl Pipeline {
         from: Start,
         ticket: Arc<WriterTicket>,
     ) -> Result<Self> {
-        if inner.live_writers() >= inner.cfg.write_inline_from_writers {
+        if ticket.busy_at_start >= inner.cfg.write_inline_from_writers {
             let sink = Sink::Inline(Appender::new(recipe));
             let stage = CutStage::new(inner.clone(), recipe, sink, from, ticket);
             return Ok(Pipeline::Inline(Box::new(Cutter::new(stage))));
