@@ -196,6 +196,13 @@ impl SegmentFile for FaultFile {
         }
         self.file.write_all_at(buf, offset)
     }
+    /// Half the spans (by their 64 KiB block) count as in the page cache, so
+    /// the read pool's page-cache branch runs under the same faults as its
+    /// direct one. Decided by the offset alone: no draw from the seeded
+    /// generator, so a seed replays the same faults whatever the reads.
+    fn cached(&self, offset: u64, _len: u64) -> bool {
+        (offset >> 16) % 2 == 1
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.check_alive()?;
         self.file.read_exact_at(buf, offset)?;

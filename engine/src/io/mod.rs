@@ -188,6 +188,16 @@ impl DirectFd {
     }
 }
 
+/// The system's page size, asked once.
+fn page_bytes() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf reads a constant of the system.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    })
+}
+
 /// cachestat(2) (Linux 6.5): whether the page cache holds every page of the
 /// range. False where the kernel lacks the call (remembered) or it fails.
 pub(crate) fn range_cached(file: &std::fs::File, offset: u64, len: u64) -> bool {
@@ -236,11 +246,7 @@ pub(crate) fn range_cached(file: &std::fs::File, offset: u64, len: u64) -> bool 
         }
         return false;
     }
-    // SAFETY: sysconf reads a constant of the system.
-    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as u64,
-        _ => 4096,
-    };
+    let page = page_bytes();
     let pages = (offset + len).div_ceil(page) - offset / page;
     stat.nr_cache >= pages
 }
