@@ -136,10 +136,11 @@ pub struct StoreConfig {
     /// Pieces buffered between a writer and its chunking thread.
     pub write_pipeline_pieces_max: usize,
     /// A writer that starts while this many writers are busy (itself
-    /// included; live and not parked at a checkpoint) cuts and appends on its caller's thread rather than on two
-    /// threads of its own: concurrent writers keep the cores busy between
-    /// them, and hand-offs between threads are dear. Defaults to the number
-    /// of cores; `usize::MAX` always starts the threads, 1 never does.
+    /// included; live and not parked at a checkpoint) cuts and appends on
+    /// its caller's thread rather than on two threads of its own:
+    /// concurrent writers keep the cores busy between them, and hand-offs
+    /// between threads are dear. Defaults to the number of cores;
+    /// `usize::MAX` always starts the threads, 1 never does.
     pub write_inline_from_writers: usize,
     /// Commit requests gathered into one group commit.
     pub group_commit_requests_max: usize,

@@ -111,9 +111,7 @@ impl WriterTicket {
         self.floor.fetch_min(loc.segment.0, Ordering::SeqCst);
         Some(loc)
     }
-}
 
-impl WriterTicket {
     /// Marks the writer parked (after a checkpoint: it may not write again
     /// for a long while) or busy (it writes). Parked writers do not count
     /// in a new writer's `busy_at_start`.
