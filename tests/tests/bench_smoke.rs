@@ -81,6 +81,7 @@ fn every_bench_scenario_runs_against_orlop() {
         "blob-push",
         "blob-push-chunked",
         "blob-pull",
+        "blob-pull-hot",
     ];
     if cold {
         want.push("blob-pull-cold");
@@ -110,20 +111,21 @@ fn every_bench_scenario_runs_against_orlop() {
             > 0
     );
     if cold {
-        let c = scenarios.remove(5);
+        let c = scenarios.remove(6);
         assert_eq!(c["scenario"], "blob-pull-cold");
         assert_eq!(c["bytes"], 3_000_000);
     }
     // Byte counts are what was pushed and read back.
     assert_eq!(scenarios[2]["bytes"], 3_000_000);
     assert_eq!(scenarios[4]["bytes"], 3_000_000);
-    assert_eq!(scenarios[5]["bytes"], 8 * 300_000);
+    assert_eq!(scenarios[5]["bytes"], 3_000_000);
     assert_eq!(scenarios[6]["bytes"], 8 * 300_000);
-    assert_eq!(scenarios[7]["ops"], 20);
-    assert_eq!(scenarios[9]["ops"], 6);
-    assert_eq!(scenarios[9]["bytes"], 6 * 2_000_000);
+    assert_eq!(scenarios[7]["bytes"], 8 * 300_000);
+    assert_eq!(scenarios[8]["ops"], 20);
+    assert_eq!(scenarios[10]["ops"], 6);
+    assert_eq!(scenarios[10]["bytes"], 6 * 2_000_000);
     // Each scenario reports the server's own peak (VmHWM reset before it).
-    for i in [0, 2, 5, 7, 9] {
+    for i in [0, 2, 6, 8, 10] {
         assert!(
             scenarios[i]["server_peak_rss_bytes"].as_u64().unwrap_or(0) > 1 << 20,
             "{:#}",
