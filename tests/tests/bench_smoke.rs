@@ -81,12 +81,12 @@ fn every_bench_scenario_runs_against_orlop() {
         "blob-push",
         "blob-push-chunked",
         "blob-pull",
-        "blob-pull-hot",
     ];
     if cold {
         want.push("blob-pull-cold");
     }
     want.extend([
+        "blob-pull-hot",
         "many-blobs-push",
         "many-blobs-pull",
         "manifests-push",
@@ -111,7 +111,7 @@ fn every_bench_scenario_runs_against_orlop() {
             > 0
     );
     if cold {
-        let c = scenarios.remove(6);
+        let c = scenarios.remove(5);
         assert_eq!(c["scenario"], "blob-pull-cold");
         assert_eq!(c["bytes"], 3_000_000);
     }

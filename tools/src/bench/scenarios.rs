@@ -235,11 +235,14 @@ pub async fn large_blob(p: &Plan) -> Result<Vec<Outcome>> {
     drop(content2);
 
     out.push(pull_once(&mut c, &p.repo, &content, "blob-pull").await);
-    out.push(pull_hot(&mut c, &p.repo, &content).await);
+    // Cold before hot: the cold pull is then the blob's second read, as a
+    // pull of a blob not read lately is (a registry may remember reads and
+    // serve a blob read often through its cache).
     if p.drop_caches {
         drop_page_cache()?;
         out.push(pull_once(&mut c, &p.repo, &content, "blob-pull-cold").await);
     }
+    out.push(pull_hot(&mut c, &p.repo, &content).await);
     Ok(out)
 }
 
