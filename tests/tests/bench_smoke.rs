@@ -143,3 +143,72 @@ fn every_bench_scenario_runs_against_orlop() {
     assert!(scenarios[2]["server_cpu_secs"].as_f64().is_some(), "{v:#}");
     reg.stop_and_fsck();
 }
+
+/// The push floor (benches/examples/push_floor.rs, built by `cargo test`
+/// beside the tests) takes `orlop bench --push-only` of both push
+/// scenarios, checking every digest, as `benches/compare` runs it.
+#[test]
+fn push_floor_takes_the_bench_pushes() {
+    use std::io::BufRead;
+    let floor = orlop_bin()
+        .parent()
+        .unwrap_or_else(|| panic!("no target dir"))
+        .join("examples/push_floor");
+    let mut child = Command::new(&floor)
+        .args(["--port", "0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", floor.display()));
+    let mut line = String::new();
+    let stderr = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+    std::io::BufReader::new(stderr)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let host = line
+        .split_whitespace()
+        .nth(3)
+        .map(|a| a.trim_end_matches(','))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let run = |scenario: &str| -> Value {
+        let out = Command::new(orlop_bin())
+            .args(["bench", "--json", "--push-only", "--url"])
+            .arg(format!("http://{host}"))
+            .args(["--scenario", scenario, "--blob-bytes", "3000000"])
+            .args([
+                "--chunk-bytes",
+                "1000000",
+                "--blobs",
+                "8",
+                "--blob-size",
+                "300000",
+            ])
+            .args(["--concurrency", "4"])
+            .output()
+            .unwrap_or_else(|e| panic!("orlop bench: {e}"));
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(out.status.code(), Some(0), "{v:#}");
+        v
+    };
+    let blob = run("blob");
+    let many = run("many-blobs");
+    let _ = child.kill();
+    let _ = child.wait();
+    let names = |v: &Value| -> Vec<String> {
+        v["scenarios"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["scenario"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(names(&blob), ["blob-push", "blob-push-chunked"], "{blob:#}");
+    assert_eq!(names(&many), ["many-blobs-push"], "{many:#}");
+    assert_eq!(blob["scenarios"][0]["bytes"], 3_000_000);
+    assert_eq!(blob["scenarios"][1]["bytes"], 3_000_000);
+    assert_eq!(many["scenarios"][0]["bytes"], 8 * 300_000);
+    assert_eq!(many["scenarios"][0]["ops"], 8);
+}

@@ -89,6 +89,10 @@ pub struct BenchArgs {
     /// content outgrows its memory serves most pulls.
     #[arg(long)]
     drop_caches: bool,
+    /// Push only (`blob`, `many-blobs`): no pulls, for an endpoint that
+    /// keeps nothing, such as the push floor (benches/examples/push_floor.rs).
+    #[arg(long)]
+    push_only: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -193,6 +197,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         memory_pushes: a.memory_pushes.max(1),
         memory_bytes: a.memory_bytes,
         drop_caches: a.drop_caches,
+        push_only: a.push_only,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -67,6 +67,8 @@ pub struct Plan {
     pub memory_bytes: u64,
     /// Pull the large blob again after dropping the page cache.
     pub drop_caches: bool,
+    /// Skip the pulls of `blob` and `many-blobs`.
+    pub push_only: bool,
 }
 
 /// Gathers results from workers.
@@ -233,6 +235,9 @@ pub async fn large_blob(p: &Plan) -> Result<Vec<Outcome>> {
     }
     out.push(tally.outcome("blob-push-chunked", t.elapsed().as_secs_f64()));
     drop(content2);
+    if p.push_only {
+        return Ok(out);
+    }
 
     out.push(pull_once(&mut c, &p.repo, &content, "blob-pull").await);
     // Cold before hot: the cold pull is then the blob's second read, as a
@@ -377,6 +382,9 @@ pub async fn many_blobs(p: &Plan) -> Result<Vec<Outcome>> {
     let secs = t.elapsed().as_secs_f64();
     let push = Arc::try_unwrap(tally).map_err(|_| anyhow::anyhow!("tally still shared"))?;
     let mut out = vec![push.outcome("many-blobs-push", secs)];
+    if p.push_only {
+        return Ok(out);
+    }
     let tally = Arc::new(Tally::default());
     let t = Instant::now();
     fan_out(
