@@ -15,7 +15,10 @@
 //! (with `--push-only`: nothing is kept, so there is nothing to pull;
 //! `benches/compare` runs it so and prints its rates beside Orlop's.) It
 //! answers only what a push needs: `GET /v2/`, `POST` of an upload, `PATCH`
-//! and `PUT` with `?digest=` (checked). A lone upload runs its
+//! and `PUT` with `?digest=` (checked). A PATCH is answered once its bytes
+//! are hashed and cut, what was left cut at a forced boundary (Orlop's 202
+//! waits for that too, and for an fsync the floor does not make). A lone
+//! upload runs its
 //! hashing and its cutting on two threads of their own; one that starts
 //! while two others are open runs both on its connection's thread, as
 //! Orlop's writers do (`write_inline_from_writers`, by default the cores).
@@ -191,7 +194,13 @@ impl Cutter {
 
 enum Msg {
     Block(Vec<u8>, usize),
-    End(Sender<io::Result<String>>),
+    /// Every byte so far hashed and cut (what is buffered cut at a forced
+    /// boundary, as Orlop's checkpoint of a PATCH does); with `last`, the
+    /// reply is the digest.
+    Barrier {
+        last: bool,
+        reply: Sender<io::Result<String>>,
+    },
 }
 
 /// One upload's hashing (and, with `Work::Full`, cutting).
@@ -254,7 +263,7 @@ impl Upload {
                                 }
                                 let _ = free_tx.send(b);
                             }
-                            Msg::End(reply) => {
+                            Msg::Barrier { reply, .. } => {
                                 let r = match failed.take() {
                                     Some(e) => Err(e),
                                     None => c.finish().map(|()| format!("{:08x}", c.check)),
@@ -279,13 +288,16 @@ impl Upload {
                             None => free_tx.send(b).is_ok(),
                         };
                     }
-                    Msg::End(reply) => {
-                        let digest = hex_digest(std::mem::take(&mut sha));
+                    Msg::Barrier { last, reply } => {
+                        let digest = match last {
+                            true => hex_digest(std::mem::take(&mut sha)),
+                            false => String::new(),
+                        };
                         let r = match &cut_tx {
                             Some(t) => {
                                 let (atx, arx) = bounded(1);
                                 let cut = t
-                                    .send(Msg::End(atx))
+                                    .send(Msg::Barrier { last, reply: atx })
                                     .map_err(|_| io::Error::other("cutter gone"))
                                     .and_then(|()| {
                                         arx.recv().map_err(|_| io::Error::other("cutter gone"))?
@@ -358,6 +370,29 @@ impl Upload {
         }
     }
 
+    /// Returns once every byte so far is hashed and cut, what is buffered
+    /// at a forced boundary: what a PATCH's 202 waits for in Orlop (which
+    /// then also makes them durable).
+    fn barrier(&mut self) -> io::Result<()> {
+        match &mut self.pipe {
+            Pipe::Inline { cutter, .. } => match cutter {
+                Some(c) => c.finish(),
+                None => Ok(()),
+            },
+            Pipe::Threaded { tx, .. } => {
+                let (rtx, rrx) = bounded(1);
+                tx.send(Msg::Barrier {
+                    last: false,
+                    reply: rtx,
+                })
+                .map_err(|_| io::Error::other("pipeline gone"))?;
+                rrx.recv()
+                    .map_err(|_| io::Error::other("pipeline gone"))?
+                    .map(|_| ())
+            }
+        }
+    }
+
     /// Ends the upload: its digest once every byte is hashed and cut.
     fn finish(self) -> io::Result<String> {
         match self.pipe {
@@ -369,8 +404,11 @@ impl Upload {
             }
             Pipe::Threaded { tx, threads, .. } => {
                 let (rtx, rrx) = bounded(1);
-                tx.send(Msg::End(rtx))
-                    .map_err(|_| io::Error::other("pipeline gone"))?;
+                tx.send(Msg::Barrier {
+                    last: true,
+                    reply: rtx,
+                })
+                .map_err(|_| io::Error::other("pipeline gone"))?;
                 let r = rrx.recv().map_err(|_| io::Error::other("pipeline gone"))?;
                 drop(tx);
                 for t in threads {
@@ -561,7 +599,12 @@ fn route(s: &mut TcpStream, sh: &Shared, pending: &mut Vec<u8>, req: &Request) -
             &oci_error("BLOB_UPLOAD_UNKNOWN", "no such upload"),
         );
     };
-    if let Err(e) = up.take_body(s, pending, req.len) {
+    let taken = up.take_body(s, pending, req.len);
+    let taken = match req.method.as_str() {
+        "PATCH" => taken.and_then(|()| up.barrier()),
+        _ => taken,
+    };
+    if let Err(e) = taken {
         sh.open.fetch_sub(1, Ordering::SeqCst);
         return Err(e);
     }
