@@ -48,8 +48,13 @@ async fn stream_permit(app: &App) -> ApiResult<tokio::sync::SemaphorePermit<'_>>
 /// Bytes of a body's frames (at most 64 KiB each: hyper's read buffer,
 /// which also bounds a request head) gathered, uncopied, before they go to
 /// the writer together: fewer, larger steps mean fewer thread hand-offs
-/// down the write pipeline. The pipeline's memory bound scales with it.
+/// down the write pipeline. The pipeline's memory bound scales with it, so
+/// only a body streaming with at most [`FEW_STREAMS`] in all (its writer
+/// then runs its pipeline on threads of its own) gathers
+/// [`PIECE_BYTES_FEW`]; among more, each gathers [`PIECE_BYTES`].
 const PIECE_BYTES: usize = 256 * 1024;
+const PIECE_BYTES_FEW: usize = 1024 * 1024;
+const FEW_STREAMS: usize = 2;
 
 /// Frames smaller than this are copied into one piece rather than handed on
 /// one by one: a body of tiny chunks (1-byte chunked encoding, say) must
@@ -101,6 +106,14 @@ async fn pump(app: &App, body: &mut Incoming, w: &WriterTask, before: u64) -> Ap
     let limit = app.cfg.blob_bytes_max;
     let mut n = 0u64;
     let mut group = Group::default();
+    let streams = app
+        .cfg
+        .uploads_streaming_max
+        .saturating_sub(app.streaming.available_permits());
+    let piece_bytes = match streams <= FEW_STREAMS {
+        true => PIECE_BYTES_FEW,
+        false => PIECE_BYTES,
+    };
     while let Some(piece) = next_data(body, app.body_idle()).await? {
         n += piece.len() as u64;
         if before.saturating_add(n) > limit {
@@ -111,7 +124,7 @@ async fn pump(app: &App, body: &mut Incoming, w: &WriterTask, before: u64) -> Ap
         }
         app.metrics.received_bytes.inc_by(piece.len() as u64);
         group.add(piece);
-        if group.bytes >= PIECE_BYTES || group.frames.len() >= GROUP_FRAMES_MAX {
+        if group.bytes >= piece_bytes || group.frames.len() >= GROUP_FRAMES_MAX {
             w.write(group.take()).await?;
         }
     }
