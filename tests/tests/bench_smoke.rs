@@ -9,6 +9,21 @@ use orlop_tests::registry::Registry;
 use serde_json::Value;
 use std::process::Command;
 
+/// The blob and many-blobs scenarios at tiny sizes: a 3 MB blob (PATCHes
+/// of 1 MB), 8 blobs of 300 kB, 4 at a time.
+const TINY_PUSHES: [&str; 10] = [
+    "--blob-bytes",
+    "3000000",
+    "--chunk-bytes",
+    "1000000",
+    "--blobs",
+    "8",
+    "--blob-size",
+    "300000",
+    "--concurrency",
+    "4",
+];
+
 #[test]
 fn every_bench_scenario_runs_against_orlop() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -36,16 +51,9 @@ fn every_bench_scenario_runs_against_orlop() {
             "--json",
             "--url",
             &format!("http://{}", reg.host()),
-            "--blob-bytes",
-            "3000000",
-            "--chunk-bytes",
-            "1000000",
-            "--blobs",
-            "8",
-            "--blob-size",
-            "300000",
-            "--concurrency",
-            "4",
+        ])
+        .args(TINY_PUSHES)
+        .args([
             "--manifests",
             "20",
             "--get-concurrency",
@@ -174,16 +182,8 @@ fn push_floor_takes_the_bench_pushes() {
         let out = Command::new(orlop_bin())
             .args(["bench", "--json", "--push-only", "--url"])
             .arg(format!("http://{host}"))
-            .args(["--scenario", scenario, "--blob-bytes", "3000000"])
-            .args([
-                "--chunk-bytes",
-                "1000000",
-                "--blobs",
-                "8",
-                "--blob-size",
-                "300000",
-            ])
-            .args(["--concurrency", "4"])
+            .args(["--scenario", scenario])
+            .args(TINY_PUSHES)
             .output()
             .unwrap_or_else(|e| panic!("orlop bench: {e}"));
         let v: Value = serde_json::from_slice(&out.stdout)

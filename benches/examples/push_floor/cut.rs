@@ -1,0 +1,146 @@
+//! The work a chunk gets on its way to a segment: FastCDC cut points, a
+//! keyed BLAKE3 name, a copy into a record buffer, AES-256-GCM and CRC32C.
+
+use orlop_engine::ChunkParams;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use std::io;
+use std::sync::Arc;
+
+/// The naming key and the cipher, as the engine derives them from a key.
+pub(crate) struct Keys {
+    naming: [u8; 32],
+    cipher: LessSafeKey,
+}
+
+impl Keys {
+    pub(crate) fn new() -> io::Result<Self> {
+        let master = [7u8; 32];
+        let enc = blake3::derive_key("orlop push floor encryption key", &master);
+        let unbound =
+            UnboundKey::new(&AES_256_GCM, &enc).map_err(|_| io::Error::other("aes key"))?;
+        Ok(Keys {
+            naming: blake3::derive_key("orlop push floor naming key", &master),
+            cipher: LessSafeKey::new(unbound),
+        })
+    }
+}
+
+/// FastCDC over a stream fed in blocks, then per chunk what the engine's
+/// cutting and appending stages do to it on the way to a segment.
+pub(crate) struct Cutter {
+    keys: Arc<Keys>,
+    p: ChunkParams,
+    mask_s: u64,
+    mask_l: u64,
+    /// Bytes of the stream not yet cut (less than one largest chunk, plus
+    /// the head of the next block while the carry is cut).
+    carry: Vec<u8>,
+    record: Vec<u8>,
+    sealed: u64,
+    pub(crate) check: u32,
+}
+
+impl Cutter {
+    pub(crate) fn new(keys: Arc<Keys>) -> Self {
+        let p = ChunkParams::default();
+        let bits = fastcdc::v2020::logarithm2(p.avg_bytes) as usize;
+        Cutter {
+            keys,
+            p,
+            mask_s: fastcdc::v2020::MASKS[bits + 1],
+            mask_l: fastcdc::v2020::MASKS[bits - 1],
+            carry: Vec::with_capacity(2 * p.max_bytes as usize),
+            record: Vec::with_capacity(p.max_bytes as usize + 16),
+            sealed: 0,
+            check: 0,
+        }
+    }
+
+    fn max(&self) -> usize {
+        self.p.max_bytes as usize
+    }
+
+    /// The length of the chunk at the start of `src`.
+    fn cut(&self, src: &[u8]) -> usize {
+        let (_, len) = fastcdc::v2020::cut(
+            src,
+            self.p.min_bytes as usize,
+            self.p.avg_bytes as usize,
+            self.p.max_bytes as usize,
+            self.mask_s,
+            self.mask_l,
+            self.mask_s << 1,
+            self.mask_l << 1,
+        );
+        len.clamp(1, src.len())
+    }
+
+    /// Names, copies, seals and checksums one chunk; keeps nothing.
+    fn chunk(&mut self, c: &[u8]) -> io::Result<()> {
+        let id = blake3::keyed_hash(&self.keys.naming, c);
+        self.record.clear();
+        self.record.extend_from_slice(c);
+        let mut nonce = [0u8; 12];
+        nonce[..8].copy_from_slice(&self.sealed.to_le_bytes());
+        self.sealed += 1;
+        let tag = self
+            .keys
+            .cipher
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(id.as_bytes()),
+                &mut self.record,
+            )
+            .map_err(|_| io::Error::other("seal"))?;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&self.record), tag.as_ref());
+        self.check ^= crc;
+        Ok(())
+    }
+
+    /// Cuts every chunk of the stream so far that is final (one largest
+    /// chunk of bytes follows its start).
+    pub(crate) fn feed(&mut self, block: &[u8]) -> io::Result<()> {
+        let max = self.max();
+        let mut at = 0;
+        if !self.carry.is_empty() {
+            let old = self.carry.len();
+            let take = block.len().min(max);
+            let mut carry = std::mem::take(&mut self.carry);
+            carry.extend_from_slice(&block[..take]);
+            let mut s = 0;
+            while s < old && carry.len() - s >= max {
+                let len = self.cut(&carry[s..]);
+                self.chunk(&carry[s..s + len])?;
+                s += len;
+            }
+            if s < old {
+                // The block was short: all of it is in the carry now.
+                carry.drain(..s);
+                self.carry = carry;
+                return Ok(());
+            }
+            at = s - old;
+            carry.clear();
+            self.carry = carry;
+        }
+        while block.len() - at >= max {
+            let len = self.cut(&block[at..]);
+            self.chunk(&block[at..at + len])?;
+            at += len;
+        }
+        self.carry.extend_from_slice(&block[at..]);
+        Ok(())
+    }
+
+    /// Cuts what is left at the end of the stream.
+    pub(crate) fn finish(&mut self) -> io::Result<()> {
+        let carry = std::mem::take(&mut self.carry);
+        let mut s = 0;
+        while s < carry.len() {
+            let len = self.cut(&carry[s..]);
+            self.chunk(&carry[s..s + len])?;
+            s += len;
+        }
+        Ok(())
+    }
+}
