@@ -152,7 +152,7 @@ fn every_bench_scenario_runs_against_orlop() {
     reg.stop_and_fsck();
 }
 
-/// The push floor (benches/examples/push_floor.rs, built by `cargo test`
+/// The push floor (benches/examples/push_floor/, built by `cargo test`
 /// beside the tests) takes `orlop bench --push-only` of both push
 /// scenarios, checking every digest, as `benches/compare` runs it.
 #[test]

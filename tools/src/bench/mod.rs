@@ -90,7 +90,7 @@ pub struct BenchArgs {
     #[arg(long)]
     drop_caches: bool,
     /// Push only (`blob`, `many-blobs`): no pulls, for an endpoint that
-    /// keeps nothing, such as the push floor (benches/examples/push_floor.rs).
+    /// keeps nothing, such as the push floor (benches/examples/push_floor/).
     #[arg(long)]
     push_only: bool,
     /// Print the report as JSON.
