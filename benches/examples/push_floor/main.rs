@@ -39,8 +39,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use upload::Upload;
 
-/// Uploads open at once, and connections served at once.
-const UPLOADS_MAX: usize = 1024;
+/// Uploads open at once (each holds a 4 MiB block, two at most four and
+/// two threads: at most about 1 GiB in all), and connections served at once.
+const UPLOADS_MAX: usize = 256;
 const CONNECTIONS_MAX: usize = 256;
 /// With this many other uploads open, a new one hashes and cuts on its
 /// connection's thread (Orlop's `write_inline_from_writers`: the cores).
