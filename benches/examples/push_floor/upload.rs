@@ -46,11 +46,7 @@ pub(crate) struct Upload {
 }
 
 fn hex_digest(sha: sha2::Sha256) -> String {
-    format!("sha256:{}", hex_lower(&sha.finalize()))
-}
-
-fn hex_lower(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    format!("sha256:{}", hex::encode(sha.finalize()))
 }
 
 impl Upload {
@@ -89,7 +85,7 @@ impl Upload {
                             Msg::Barrier { reply, .. } => {
                                 let r = match failed.take() {
                                     Some(e) => Err(e),
-                                    None => c.finish().map(|()| format!("{:08x}", c.check)),
+                                    None => c.finish().map(|()| String::new()),
                                 };
                                 let _ = reply.send(r);
                             }
