@@ -1,7 +1,9 @@
 //! Segment files: append-only logs of encrypted chunk records, sealed at a
 //! fixed size. The active segment takes appends under one lock (which also
-//! fixes each record's nonce); sealed segments are immutable.
+//! fixes each record's nonce), and its full append buffers are written
+//! after the lock is released (`behind`); sealed segments are immutable.
 
+mod behind;
 pub mod format;
 mod recovery;
 mod stage;
@@ -16,6 +18,7 @@ use crate::ids::{ChunkId, SegmentId};
 use crate::index::codec::{Location, SegmentEntry};
 use crate::index::{Index, CF_META, CF_SEGMENTS, META_NEXT_SEGMENT};
 use crate::io::{OpenMode, SegmentFile, SegmentIo};
+use behind::{Detached, WriteBehind};
 use format::{
     RecordHeader, SegmentFooter, SegmentHeader, FOOTER_BYTES, HEADER_BYTES, RECORD_HEADER_BYTES,
 };
@@ -105,6 +108,8 @@ pub(crate) struct Segments {
     append_mode: AppendMode,
     files: RwLock<HashMap<SegmentId, Arc<dyn SegmentFile>>>,
     active: Mutex<Option<Active>>,
+    /// Full append buffers being written after the lock was released.
+    behind: WriteBehind,
     poisoned: AtomicBool,
     /// Serialises writes of `segments` entries (sealing vs the committer's
     /// durable-length updates). Lock order: `active`, then this.
@@ -141,6 +146,7 @@ impl Segments {
             append_mode,
             files: RwLock::new(HashMap::new()),
             active: Mutex::new(None),
+            behind: WriteBehind::default(),
             poisoned: AtomicBool::new(false),
             meta_lock: Mutex::new(()),
         }
@@ -261,19 +267,54 @@ impl Segments {
 
     /// Encrypts and appends one chunk record; returns where it landed. The
     /// record is built in the append buffer itself (one copy of the body),
-    /// or, when it is larger than that buffer, in a buffer of its own.
+    /// or, when it is larger than that buffer, in a buffer of its own. A
+    /// full buffer is written after the lock is released (`behind`).
     pub fn append(&self, cipher: &ChunkCipher, chunk: &PreparedChunk) -> Result<Location> {
         self.check_writable()?;
         let record_len = RECORD_HEADER_BYTES + chunk.body.len() + TAG_BYTES;
         let mut guard = self.active.lock().unwrap_or_else(|p| p.into_inner());
         let a = self.with_room(&mut guard, record_len as u64)?;
         let (segment, offset) = (a.id, a.offset as u32);
-        // The nonce depends on the offset, so encryption happens under the
-        // append lock (AES-GCM runs at GB/s).
+        let behind = match a.stage.is_full_for(record_len) {
+            true => self.behind.begin(a.stage.capacity()).map(|(spare, seq)| {
+                let detached = a.stage.detach_whole_blocks(spare);
+                (detached, seq, a.file.clone())
+            }),
+            false => None,
+        };
+        let sealed = self.seal_into_stage(&mut guard, cipher, chunk, segment, offset);
+        drop(guard);
+        // Written whatever became of this record: the buffer holds earlier ones.
+        if let Some((detached, seq, file)) = behind {
+            self.write_behind(segment, detached, seq, &*file)?;
+        }
+        sealed?;
+        Ok(Location {
+            segment,
+            offset,
+            payload_len: (record_len - RECORD_HEADER_BYTES) as u32,
+            raw_len: chunk.raw_len,
+            flags: chunk.flags,
+        })
+    }
+
+    /// Builds the record at the active segment's end. The nonce depends on
+    /// the offset, so encryption happens under the append lock (AES-GCM
+    /// runs at GB/s).
+    fn seal_into_stage(
+        &self,
+        guard: &mut Option<Active>,
+        cipher: &ChunkCipher,
+        chunk: &PreparedChunk,
+        segment: SegmentId,
+        offset: u32,
+    ) -> Result<()> {
+        let record_len = RECORD_HEADER_BYTES + chunk.body.len() + TAG_BYTES;
         let nonce = nonce_for(segment, offset);
+        let a = guard.as_mut().ok_or(Error::Poisoned)?;
         let room = match a.stage.room(&*a.file, record_len) {
             Ok(room) => room,
-            Err(e) => return Err(self.retire_active(&mut guard, segment, e)),
+            Err(e) => return Err(self.retire_active(guard, segment, e)),
         };
         match room {
             Some(buf) => {
@@ -284,16 +325,38 @@ impl Segments {
             None => {
                 let mut buf = vec![0u8; record_len];
                 seal_record(cipher, chunk, nonce, &mut buf)?;
-                self.write_record(&mut guard, &buf)?;
+                self.write_record(guard, &buf)?;
             }
         }
-        Ok(Location {
-            segment,
-            offset,
-            payload_len: (record_len - RECORD_HEADER_BYTES) as u32,
-            raw_len: chunk.raw_len,
-            flags: chunk.flags,
-        })
+        Ok(())
+    }
+
+    /// Writes blocks taken out of the append buffer; a failure poisons the
+    /// store (the log now has a hole nothing may append past).
+    fn write_behind(
+        &self,
+        segment: SegmentId,
+        detached: Detached,
+        seq: u64,
+        file: &dyn SegmentFile,
+    ) -> Result<()> {
+        let r = detached.write(file);
+        if let Err(e) = &r {
+            self.poison(e);
+        }
+        self.behind.end(seq, detached.buf);
+        r.map_err(|e| Error::io(self.path_of(segment), e))
+    }
+
+    /// Waits for the writes behind the lock that began before now; after
+    /// it, a store they failed in is poisoned. The caller holds the append
+    /// lock (or took `mark` under it).
+    fn wait_behind(&self, mark: u64) -> Result<()> {
+        self.behind.wait_before(mark);
+        match self.is_poisoned() {
+            true => Err(Error::Poisoned),
+            false => Ok(()),
+        }
     }
 
     /// Appends an already sealed record (header ‖ payload, as read from
@@ -424,6 +487,8 @@ impl Segments {
     }
 
     fn seal(&self, mut a: Active) -> Result<()> {
+        // Called under the append lock: no write can begin meanwhile.
+        self.wait_behind(self.behind.mark())?;
         let footer = SegmentFooter {
             segment: a.id,
             data_end: a.offset,
@@ -458,7 +523,7 @@ impl Segments {
     /// the length now durable, for the commit to record.
     pub fn sync_active(&self) -> Result<Option<(SegmentId, u64)>> {
         self.check_writable()?;
-        let (id, file, len) = {
+        let (id, file, len, mark) = {
             let mut g = self.active.lock().unwrap_or_else(|p| p.into_inner());
             // Under the lock: a failed seal or write leaves no active segment
             // and a poisoned store; that must not read as "nothing to sync".
@@ -471,8 +536,9 @@ impl Segments {
             if let Err(e) = a.stage.write_all(&*file) {
                 return Err(self.retire_active(&mut g, id, e));
             }
-            (id, file, len)
+            (id, file, len, self.behind.mark())
         };
+        self.wait_behind(mark)?;
         if let Err(e) = file.sync() {
             self.poison(&e);
             return Err(Error::io(self.path_of(id), e));

@@ -13,7 +13,25 @@
 //! durable (readers follow committed locations), and a sync writes the
 //! whole buffer first, so readers never miss bytes still held here.
 
+use super::behind::Detached;
 use crate::io::{AlignedBuf, SegmentFile, BLOCK_BYTES};
+
+/// Writes whole blocks at `offset`: with O_DIRECT, or through the page
+/// cache with writeback started at once.
+pub(crate) fn write_blocks(
+    file: &dyn SegmentFile,
+    bytes: &[u8],
+    offset: u64,
+    direct: bool,
+) -> std::io::Result<()> {
+    if direct {
+        file.write_direct(bytes, offset)
+    } else {
+        file.write_at(bytes, offset)?;
+        file.start_writeback(offset, bytes.len() as u64);
+        Ok(())
+    }
+}
 
 /// The tail of the active segment not yet written (and the partial block
 /// before it, already written, which the next write repeats).
@@ -117,14 +135,42 @@ impl Stage {
     }
 
     fn write(&self, file: &dyn SegmentFile, n: usize) -> std::io::Result<()> {
-        let bytes = &self.buf.as_slice()[..n];
-        if self.direct {
-            file.write_direct(bytes, self.file_offset)
-        } else {
-            file.write_at(bytes, self.file_offset)?;
-            file.start_writeback(self.file_offset, n as u64);
-            Ok(())
-        }
+        write_blocks(
+            file,
+            &self.buf.as_slice()[..n],
+            self.file_offset,
+            self.direct,
+        )
+    }
+
+    /// The buffer's size (a spare swapped in must have it).
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether `n` more bytes need whole blocks written first.
+    pub fn is_full_for(&self, n: usize) -> bool {
+        self.buf.len() - self.len < n && self.len >= BLOCK_BYTES
+    }
+
+    /// Takes the whole blocks out for the caller to write
+    /// ([`Detached::write`]), leaving `spare` (of [`Stage::capacity`]
+    /// bytes) in their place, holding the partial last block.
+    pub fn detach_whole_blocks(&mut self, mut spare: AlignedBuf) -> Detached {
+        let whole = self.len / BLOCK_BYTES * BLOCK_BYTES;
+        let tail = self.len - whole;
+        spare.as_mut_slice()[..tail].copy_from_slice(&self.buf.as_slice()[whole..self.len]);
+        std::mem::swap(&mut self.buf, &mut spare);
+        let detached = Detached {
+            buf: spare,
+            len: whole,
+            file_offset: self.file_offset,
+            direct: self.direct,
+        };
+        self.file_offset += whole as u64;
+        self.len = tail;
+        self.written = self.written.saturating_sub(whole);
+        detached
     }
 }
 
@@ -202,6 +248,45 @@ mod tests {
             want.extend_from_slice(&piece);
         }
         stage.write_all(&*file).unwrap_or_else(|e| panic!("{e}"));
+        let got = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&got[..want.len()], &want[..]);
+        assert!(got[want.len()..].iter().all(|b| *b == 0));
+    }
+
+    /// Whole blocks detached and written by the caller (as the append path
+    /// does outside its lock) build the same file as writes from the stage.
+    #[test]
+    fn detached_blocks_build_the_same_file() {
+        let (_dir, path, file) = new_file();
+        let mut stage = Stage::new(3 * BLOCK_BYTES, true);
+        let mut want = Vec::new();
+        let mut detached = 0;
+        for (i, n) in [5000usize, 4000, 3000, 1, 6000, 4096, 2500, 9000, 7]
+            .into_iter()
+            .enumerate()
+        {
+            let piece: Vec<u8> = (0..n).map(|j| (i * 13 + j) as u8 | 1).collect();
+            if stage.is_full_for(n) {
+                let spare = AlignedBuf::new(stage.capacity());
+                let d = stage.detach_whole_blocks(spare);
+                assert_eq!(d.len % BLOCK_BYTES, 0);
+                d.write(&*file).unwrap_or_else(|e| panic!("{e}"));
+                detached += 1;
+            }
+            if i == 4 {
+                // A sync between: its padded block is rewritten later.
+                stage.write_all(&*file).unwrap_or_else(|e| panic!("{e}"));
+            }
+            let buf = stage
+                .room(&*file, n)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("no room for {n} bytes"));
+            buf.copy_from_slice(&piece);
+            stage.advance(n);
+            want.extend_from_slice(&piece);
+        }
+        stage.write_all(&*file).unwrap_or_else(|e| panic!("{e}"));
+        assert!(detached >= 2, "the stage filled {detached} times");
         let got = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(&got[..want.len()], &want[..]);
         assert!(got[want.len()..].iter().all(|b| *b == 0));
