@@ -100,6 +100,11 @@ impl WriterTicket {
     /// floor drops to its segment under the registry lock, so a compaction
     /// choosing segments either sees the lowered floor or the owner's.
     pub fn share_inflight(&self, id: &ChunkId) -> Option<Location> {
+        // Most chunks are in no other writer's flight: say so without the
+        // registry lock, which every writer's every chunk would contend on.
+        if !self.inner.is_inflight(id) {
+            return None;
+        }
         let _g = self.inner.writers.lock().unwrap_or_else(|p| p.into_inner());
         let loc = self
             .inner
@@ -149,8 +154,12 @@ pub(crate) fn now_unix_ms() -> u64 {
 impl Inner {
     /// Registers a writer before its first lookup or append.
     pub fn register_writer(self: &Arc<Self>) -> Result<WriterTicket> {
-        let mut g = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        // Read before the registry lock, not under it (the append lock may be
+        // busy, and every writer's chunks look up the registry): the active
+        // segment can only move up meanwhile, so this floor is at or below
+        // the one read under the lock, which keeps as much or more.
         let floor = Arc::new(AtomicU64::new(self.segments.append_floor()?.0));
+        let mut g = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         g.next += 1;
         let id = g.next;
         let generation = g.generation;
@@ -162,6 +171,14 @@ impl Inner {
             floor,
             busy_at_start,
         })
+    }
+
+    /// Whether some live writer holds an uncommitted placement of `id`.
+    fn is_inflight(&self, id: &ChunkId) -> bool {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
     }
 
     /// Drops a write's uncommitted placements from the shared map (a
