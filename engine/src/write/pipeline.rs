@@ -51,8 +51,10 @@ impl RecipeSpill {
 }
 
 /// Batches of prepared chunks queued between the cutting and the appending
-/// stage (each at most `CUT_BATCH_CHUNKS` chunks).
-const APPEND_QUEUE_BATCHES: usize = 1;
+/// stage (each at most `CUT_BATCH_CHUNKS` chunks, so at most 8 MiB of
+/// chunks of the largest size): enough that the cutting goes on while the
+/// appender waits on a full buffer's O_DIRECT write.
+const APPEND_QUEUE_BATCHES: usize = 4;
 /// Chunk ids of this blob already sent to the appender, so that a chunk
 /// repeated inside a blob is stored once. Past this bound a repeat may be
 /// stored twice (an orphan record, reclaimable), never miscounted.
