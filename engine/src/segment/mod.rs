@@ -282,7 +282,7 @@ impl Segments {
             }),
             false => None,
         };
-        let sealed = self.seal_into_stage(&mut guard, cipher, chunk, segment, offset);
+        let sealed = self.seal_into_stage(&mut guard, cipher, chunk, segment, offset, record_len);
         drop(guard);
         // Written whatever became of this record: the buffer holds earlier ones.
         if let Some((detached, seq, file)) = behind {
@@ -308,8 +308,8 @@ impl Segments {
         chunk: &PreparedChunk,
         segment: SegmentId,
         offset: u32,
+        record_len: usize,
     ) -> Result<()> {
-        let record_len = RECORD_HEADER_BYTES + chunk.body.len() + TAG_BYTES;
         let nonce = nonce_for(segment, offset);
         let a = guard.as_mut().ok_or(Error::Poisoned)?;
         let room = match a.stage.room(&*a.file, record_len) {

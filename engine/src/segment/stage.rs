@@ -112,8 +112,13 @@ impl Stage {
         Ok(())
     }
 
+    /// Bytes held in whole blocks, from the start of the buffer.
+    fn whole_bytes(&self) -> usize {
+        self.len / BLOCK_BYTES * BLOCK_BYTES
+    }
+
     fn write_whole_blocks(&mut self, file: &dyn SegmentFile) -> std::io::Result<()> {
-        let whole = self.len / BLOCK_BYTES * BLOCK_BYTES;
+        let whole = self.whole_bytes();
         if whole > 0 {
             self.write(file, whole)?;
             self.written = self.written.max(whole);
@@ -124,11 +129,17 @@ impl Stage {
 
     /// Moves the partial last block (if any) to the front.
     fn drop_whole_blocks(&mut self) {
-        let whole = self.len / BLOCK_BYTES * BLOCK_BYTES;
+        let whole = self.whole_bytes();
         if whole == 0 {
             return;
         }
         self.buf.as_mut_slice().copy_within(whole..self.len, 0);
+        self.advance_past(whole);
+    }
+
+    /// Counts the first `whole` bytes as gone to the file, once the partial
+    /// block after them is at the front of the buffer.
+    fn advance_past(&mut self, whole: usize) {
         self.file_offset += whole as u64;
         self.len -= whole;
         self.written = self.written.saturating_sub(whole);
@@ -150,16 +161,16 @@ impl Stage {
 
     /// Whether `n` more bytes need whole blocks written first.
     pub fn is_full_for(&self, n: usize) -> bool {
-        self.buf.len() - self.len < n && self.len >= BLOCK_BYTES
+        self.buf.len() - self.len < n && self.whole_bytes() > 0
     }
 
     /// Takes the whole blocks out for the caller to write
     /// ([`Detached::write`]), leaving `spare` (of [`Stage::capacity`]
     /// bytes) in their place, holding the partial last block.
     pub fn detach_whole_blocks(&mut self, mut spare: AlignedBuf) -> Detached {
-        let whole = self.len / BLOCK_BYTES * BLOCK_BYTES;
-        let tail = self.len - whole;
-        spare.as_mut_slice()[..tail].copy_from_slice(&self.buf.as_slice()[whole..self.len]);
+        let whole = self.whole_bytes();
+        spare.as_mut_slice()[..self.len - whole]
+            .copy_from_slice(&self.buf.as_slice()[whole..self.len]);
         std::mem::swap(&mut self.buf, &mut spare);
         let detached = Detached {
             buf: spare,
@@ -167,9 +178,7 @@ impl Stage {
             file_offset: self.file_offset,
             direct: self.direct,
         };
-        self.file_offset += whole as u64;
-        self.len = tail;
-        self.written = self.written.saturating_sub(whole);
+        self.advance_past(whole);
         detached
     }
 }
