@@ -3,6 +3,7 @@
 //! fixes each record's nonce), and its full append buffers are written
 //! after the lock is released (`behind`); sealed segments are immutable.
 
+mod append;
 mod behind;
 pub mod format;
 mod recovery;
@@ -12,16 +13,15 @@ pub use recovery::{
     footer_mismatch, scan_segment, scan_segment_records, scan_unsealed, walk_headers, ScanResult,
 };
 
-use crate::crypto::{nonce_for, ChunkCipher, TAG_BYTES};
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, SegmentId};
 use crate::index::codec::{Location, SegmentEntry};
 use crate::index::{Index, CF_META, CF_SEGMENTS, META_NEXT_SEGMENT};
 use crate::io::{OpenMode, SegmentFile, SegmentIo};
-use behind::{Detached, WriteBehind};
-use format::{
-    RecordHeader, SegmentFooter, SegmentHeader, FOOTER_BYTES, HEADER_BYTES, RECORD_HEADER_BYTES,
-};
+#[cfg(test)]
+pub(crate) use append::seal_record;
+use behind::WriteBehind;
+use format::{RecordHeader, SegmentFooter, SegmentHeader, FOOTER_BYTES, HEADER_BYTES};
 use stage::Stage;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -46,43 +46,6 @@ impl Active {
         self.record_count += 1;
         self.data_crc = format::chain_record_crc(self.data_crc, header);
     }
-}
-
-/// Builds a chunk's record in `buf` (exactly its length): the body copied
-/// in and encrypted in place, the tag, then the header with its CRC32C.
-/// Returns the header.
-pub(crate) fn seal_record(
-    cipher: &ChunkCipher,
-    chunk: &PreparedChunk,
-    nonce: [u8; crate::crypto::NONCE_BYTES],
-    buf: &mut [u8],
-) -> Result<[u8; RECORD_HEADER_BYTES]> {
-    let body_len = chunk.body.len();
-    let (head, payload) = buf.split_at_mut(RECORD_HEADER_BYTES);
-    let (body, tag_out) = payload.split_at_mut(body_len);
-    body.copy_from_slice(&chunk.body);
-    let tag = cipher
-        .seal_detached(
-            nonce,
-            chunk.kind,
-            chunk.flags,
-            chunk.raw_len,
-            &chunk.id,
-            body,
-        )
-        .map_err(|_| Error::Config("AEAD seal failed".into()))?;
-    tag_out.copy_from_slice(&tag);
-    let header = RecordHeader {
-        kind: chunk.kind,
-        flags: chunk.flags,
-        payload_len: (body_len + TAG_BYTES) as u32,
-        raw_len: chunk.raw_len,
-        chunk: chunk.id,
-        nonce,
-    }
-    .encode(payload);
-    head.copy_from_slice(&header);
-    Ok(header)
 }
 
 /// The active segment's append buffer (`stage`): appends reach the file in
@@ -213,141 +176,6 @@ impl Segments {
             .ok_or(Error::SegmentMissing(id))
     }
 
-    /// The active segment, sealed and replaced first when `record_len`
-    /// more bytes would not fit. The caller holds the append lock.
-    fn with_room<'g>(
-        &self,
-        guard: &'g mut Option<Active>,
-        record_len: u64,
-    ) -> Result<&'g mut Active> {
-        // Again under the lock: a failure by another appender may have
-        // poisoned the store since the caller's check.
-        self.check_writable()?;
-        // A record that no segment can hold would run into the footer.
-        if HEADER_BYTES + record_len + FOOTER_BYTES > self.segment_bytes {
-            return Err(Error::Config(format!(
-                "a record of {record_len} bytes does not fit a segment of {} bytes",
-                self.segment_bytes
-            )));
-        }
-        let full = match guard.as_ref() {
-            None => true,
-            Some(a) => a.offset + record_len > self.segment_bytes - FOOTER_BYTES,
-        };
-        if full {
-            if let Some(a) = guard.take() {
-                self.seal(a)?;
-            }
-            *guard = Some(self.create()?);
-        }
-        guard.as_mut().ok_or(Error::Poisoned)
-    }
-
-    /// A failed write to the active segment `id`: the store is poisoned and
-    /// the segment retired, so that nothing appends to it (and reuses its
-    /// nonces) again. Returns the error to report.
-    fn retire_active(&self, guard: &mut Option<Active>, id: SegmentId, e: std::io::Error) -> Error {
-        self.poison(&e);
-        *guard = None;
-        Error::io(self.path_of(id), e)
-    }
-
-    /// Writes a finished record at the active segment's end and advances it.
-    /// A failed write retires the segment: nothing may append (and reuse
-    /// its nonces) again.
-    fn write_record(&self, guard: &mut Option<Active>, record: &[u8]) -> Result<()> {
-        let a = guard.as_mut().ok_or(Error::Poisoned)?;
-        if let Err(e) = a.stage.push(&*a.file, record) {
-            let id = a.id;
-            return Err(self.retire_active(guard, id, e));
-        }
-        a.count(&record[..RECORD_HEADER_BYTES], record.len());
-        Ok(())
-    }
-
-    /// Encrypts and appends one chunk record; returns where it landed. The
-    /// record is built in the append buffer itself (one copy of the body),
-    /// or, when it is larger than that buffer, in a buffer of its own. A
-    /// full buffer is written after the lock is released (`behind`).
-    pub fn append(&self, cipher: &ChunkCipher, chunk: &PreparedChunk) -> Result<Location> {
-        self.check_writable()?;
-        let record_len = RECORD_HEADER_BYTES + chunk.body.len() + TAG_BYTES;
-        let mut guard = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        let a = self.with_room(&mut guard, record_len as u64)?;
-        let (segment, offset) = (a.id, a.offset as u32);
-        let behind = match a.stage.is_full_for(record_len) {
-            true => self.behind.begin(a.stage.capacity()).map(|(spare, seq)| {
-                let detached = a.stage.detach_whole_blocks(spare);
-                (detached, seq, a.file.clone())
-            }),
-            false => None,
-        };
-        let sealed = self.seal_into_stage(&mut guard, cipher, chunk, segment, offset, record_len);
-        drop(guard);
-        // Written whatever became of this record: the buffer holds earlier ones.
-        if let Some((detached, seq, file)) = behind {
-            self.write_behind(segment, detached, seq, &*file)?;
-        }
-        sealed?;
-        Ok(Location {
-            segment,
-            offset,
-            payload_len: (record_len - RECORD_HEADER_BYTES) as u32,
-            raw_len: chunk.raw_len,
-            flags: chunk.flags,
-        })
-    }
-
-    /// Builds the record at the active segment's end. The nonce depends on
-    /// the offset, so encryption happens under the append lock (AES-GCM
-    /// runs at GB/s).
-    fn seal_into_stage(
-        &self,
-        guard: &mut Option<Active>,
-        cipher: &ChunkCipher,
-        chunk: &PreparedChunk,
-        segment: SegmentId,
-        offset: u32,
-        record_len: usize,
-    ) -> Result<()> {
-        let nonce = nonce_for(segment, offset);
-        let a = guard.as_mut().ok_or(Error::Poisoned)?;
-        let room = match a.stage.room(&*a.file, record_len) {
-            Ok(room) => room,
-            Err(e) => return Err(self.retire_active(guard, segment, e)),
-        };
-        match room {
-            Some(buf) => {
-                let header = seal_record(cipher, chunk, nonce, buf)?;
-                a.stage.advance(record_len);
-                a.count(&header, record_len);
-            }
-            None => {
-                let mut buf = vec![0u8; record_len];
-                seal_record(cipher, chunk, nonce, &mut buf)?;
-                self.write_record(guard, &buf)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes blocks taken out of the append buffer; a failure poisons the
-    /// store (the log now has a hole nothing may append past).
-    fn write_behind(
-        &self,
-        segment: SegmentId,
-        detached: Detached,
-        seq: u64,
-        file: &dyn SegmentFile,
-    ) -> Result<()> {
-        let r = detached.write(file);
-        if let Err(e) = &r {
-            self.poison(e);
-        }
-        self.behind.end(seq, detached.buf);
-        r.map_err(|e| Error::io(self.path_of(segment), e))
-    }
-
     /// Waits for the writes behind the lock that began before now; after
     /// it, a store they failed in is poisoned. The caller holds the append
     /// lock (or took `mark` under it).
@@ -357,27 +185,6 @@ impl Segments {
             true => Err(Error::Poisoned),
             false => Ok(()),
         }
-    }
-
-    /// Appends an already sealed record (header ‖ payload, as read from
-    /// another segment) unchanged: compaction moves ciphertext, whose nonce
-    /// is in its header, without re-encrypting. Checks the record first.
-    pub fn append_raw(&self, record: &[u8]) -> Result<Location> {
-        self.check_writable()?;
-        let h = RecordHeader::decode(record)
-            .filter(|h| h.total_len() == record.len() as u64 && RecordHeader::checksum_ok(record))
-            .ok_or_else(|| Error::Config("compaction: a record to move fails its checks".into()))?;
-        let mut guard = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        let a = self.with_room(&mut guard, record.len() as u64)?;
-        let (segment, offset) = (a.id, a.offset as u32);
-        self.write_record(&mut guard, record)?;
-        Ok(Location {
-            segment,
-            offset,
-            payload_len: h.payload_len,
-            raw_len: h.raw_len,
-            flags: h.flags,
-        })
     }
 
     /// The lowest segment id an append made from now on can land in: the

@@ -522,24 +522,33 @@ impl Appender {
         }
     }
 
+    /// Appends a batch under as few acquisitions of the append lock (and
+    /// one of the in-flight map's) as it can: taken per chunk, the locks of
+    /// 16 writers on two cores cost more in hand-offs than in work.
     fn append(&mut self, inner: &Inner, chunks: Vec<PreparedChunk>) -> Result<()> {
         let staged_cf = inner.index.cf(CF_STAGED)?;
-        for chunk in chunks {
-            let id = chunk.id;
-            let loc = inner.segments.append(&inner.cipher, &chunk)?;
-            {
-                let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut locs = Vec::with_capacity(chunks.len());
+        let appended = inner
+            .segments
+            .append_batch(&inner.cipher, &chunks, &mut locs);
+        // What was appended before a failure is recorded all the same (the
+        // staged placements let an abort release it).
+        {
+            let mut fl = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            for (chunk, loc) in chunks.iter().zip(&locs) {
                 if fl.len() < INFLIGHT_CHUNKS_MAX {
-                    fl.entry(id).or_insert((loc, self.recipe));
+                    fl.entry(chunk.id).or_insert((*loc, self.recipe));
                 }
             }
-            self.batch
-                .put_cf(staged_cf, staged_key(self.recipe, &id), loc.encode());
-            if self.batch.len() >= STAGED_BATCH_ENTRIES {
-                self.write_staged(inner)?;
-            }
         }
-        Ok(())
+        for (chunk, loc) in chunks.iter().zip(&locs) {
+            self.batch
+                .put_cf(staged_cf, staged_key(self.recipe, &chunk.id), loc.encode());
+        }
+        if self.batch.len() >= STAGED_BATCH_ENTRIES {
+            self.write_staged(inner)?;
+        }
+        appended
     }
 
     /// Writes the staged placements gathered so far (unsynced).
