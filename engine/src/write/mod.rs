@@ -2,8 +2,9 @@
 //! SHA-256, and the pipeline after it (two threads of the writer's own, or
 //! the caller's thread when many writers are live) cuts chunks, names them,
 //! deduplicates, compresses, encrypts and appends them, spilling the recipe
-//! to the index in parts. Memory is bounded by the pipeline depth, the chunker window and one
-//! recipe part, whatever the blob's size.
+//! to the index in parts. Memory is bounded by the pipeline depth, the chunk
+//! the chunker is gathering across pieces and one recipe part, whatever the
+//! blob's size.
 //!
 //! A write can be *checkpointed* (everything so far made durable and kept
 //! across restarts as a held write) and, after a restart, *resumed*.
@@ -306,8 +307,8 @@ impl BlobWriter {
 
     /// Appends consecutive pieces as one step of the pipeline (a request
     /// body's frames, say): one hand-off to the cutting thread (or, inline,
-    /// one pass of the chunker), which copies them into its window, instead
-    /// of one per piece or a copy into one piece first. Blocks when the
+    /// one pass of the chunker, which cuts them in place), instead of one per
+    /// piece or a copy into one piece first. Blocks when the
     /// pipeline is full.
     pub fn write_pieces(&mut self, mut pieces: Vec<Bytes>) -> Result<()> {
         pieces.retain(|p| !p.is_empty());

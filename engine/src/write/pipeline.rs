@@ -435,7 +435,7 @@ impl CutStage {
             } else {
                 None
             };
-            // Stored as it came (a slice of the chunker's window, no copy)
+            // Stored as it came (a slice of the piece it was cut from, no copy)
             // unless compression saved enough.
             let prepared = is_new.then(|| match z {
                 Some(z) => (FLAG_ZSTD, Bytes::from(z)),
