@@ -3,8 +3,9 @@
 //! It wraps real files and remembers, per file, how much is durable. It can
 //! tear writes (a prefix lands, then EIO), fail fsync with EIO, flip bits on
 //! read, and simulate a crash: every file loses a random part of what was
-//! written since its last sync (possibly leaving a torn, garbled tail), and
-//! files created since their directory was last synced may vanish. All
+//! written since its last sync (possibly leaving a torn, garbled tail, and
+//! a hole of zeros where an earlier write was lost and a later one landed),
+//! and files created since their directory was last synced may vanish. All
 //! decisions come from one seeded generator, so a seed replays a failure.
 
 use super::{open_std, OpenMode, SegmentFile, SegmentIo};
@@ -121,6 +122,9 @@ impl FaultIo {
                     f.write_all_at(&[st.rng.gen()], at)?;
                 }
             }
+            if keep > 0 && st.rng.gen_bool(0.3) {
+                lost += punch_hole(&f, &mut st.rng, fs.durable_len, fs.durable_len + keep)?;
+            }
             f.set_len(fs.durable_len + keep)?;
             f.sync_all()?;
             lost += unsynced - keep;
@@ -128,6 +132,28 @@ impl FaultIo {
         }
         Ok(lost)
     }
+}
+
+/// Blocks of a hole a crash leaves, at most.
+const HOLE_BLOCKS_MAX: u64 = 256;
+
+/// Unsynced writes reach the disk in any order, so a crash can keep a later
+/// write and lose an earlier one: zeros (what a file extended past never
+/// written blocks reads as) over whole 4 KiB blocks somewhere in
+/// `[from, to)`, the unsynced part that survived, with bytes after them.
+/// Returns the bytes zeroed.
+fn punch_hole(f: &File, rng: &mut SmallRng, from: u64, to: u64) -> std::io::Result<u64> {
+    const BLOCK: u64 = 4096;
+    let first = from.div_ceil(BLOCK);
+    let end = to / BLOCK;
+    if first >= end {
+        return Ok(0);
+    }
+    let at = rng.gen_range(first..end);
+    let blocks = rng.gen_range(1..=(end - at).min(HOLE_BLOCKS_MAX));
+    let zeros = vec![0u8; (blocks * BLOCK) as usize];
+    f.write_all_at(&zeros, at * BLOCK)?;
+    Ok(blocks * BLOCK)
 }
 
 impl SegmentIo for FaultIo {
@@ -240,5 +266,45 @@ impl SegmentFile for FaultFile {
         let fs = st.files.entry(self.path.clone()).or_default();
         fs.durable_len = fs.durable_len.min(len);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hole lands on whole blocks inside the unsynced range only, and
+    /// leaves what follows it.
+    #[test]
+    fn holes_stay_inside_the_unsynced_range() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("f");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut rng = SmallRng::seed_from_u64(9);
+        let (from, to) = (5000u64, 200_000u64);
+        let mut saw_bytes_after = false;
+        for _ in 0..200 {
+            f.write_all_at(&[0xAB; 210_000], 0)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let zeroed = punch_hole(&f, &mut rng, from, to).unwrap_or_else(|e| panic!("{e}"));
+            let mut b = vec![0u8; 210_000];
+            f.read_exact_at(&mut b, 0).unwrap_or_else(|e| panic!("{e}"));
+            let zeros: Vec<usize> = (0..b.len()).filter(|&i| b[i] == 0).collect();
+            assert_eq!(zeros.len() as u64, zeroed);
+            assert!(zeroed > 0 && zeroed % 4096 == 0);
+            let (lo, hi) = (zeros[0] as u64, *zeros.last().unwrap_or(&0) as u64 + 1);
+            assert!(lo >= from && hi <= to && lo % 4096 == 0, "{lo}..{hi}");
+            assert_eq!(hi - lo, zeroed, "one run of zeros");
+            saw_bytes_after |= b[hi as usize..to as usize].contains(&0xAB);
+        }
+        assert!(saw_bytes_after);
+        // No whole block inside the range: nothing to punch.
+        assert_eq!(punch_hole(&f, &mut rng, 4097, 8191).unwrap_or(1), 0);
     }
 }
