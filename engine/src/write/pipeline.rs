@@ -523,8 +523,8 @@ impl Appender {
     }
 
     /// Appends a batch under as few acquisitions of the append lock (and
-    /// one of the in-flight map's) as it can: taken per chunk, the locks of
-    /// 16 writers on two cores cost more in hand-offs than in work.
+    /// one of the in-flight map's) as it can, rather than one of each per
+    /// chunk of every writer.
     fn append(&mut self, inner: &Inner, chunks: Vec<PreparedChunk>) -> Result<()> {
         let staged_cf = inner.index.cf(CF_STAGED)?;
         let mut locs = Vec::with_capacity(chunks.len());
