@@ -85,28 +85,33 @@ pub fn store_config(cfg: &ServerConfig) -> StoreConfig {
 /// Serves until SIGTERM or SIGINT. `on_ready` gets the bound address (the
 /// port is chosen by the OS when the configured one is 0).
 pub fn run(cfg: ServerConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
-    run_until(cfg, on_ready, shutdown_signal())
+    run_until(cfg, on_ready, shutdown_signal)
 }
 
-async fn shutdown_signal() {
+/// Takes SIGTERM and SIGINT over at once (not at the future's first poll):
+/// called before the address is announced, so that a signal sent as soon
+/// as it is cannot find the default action (death) still in place.
+fn shutdown_signal() -> impl Future<Output = ()> + Send {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            race(term.recv(), int.recv()).await;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                race(term.recv(), int.recv()).await;
+            }
+            _ => std::future::pending::<()>().await,
         }
-        _ => std::future::pending::<()>().await,
+        tracing::info!("shutdown requested");
     }
-    tracing::info!("shutdown requested");
 }
 
-/// Serves until `stop` completes.
+/// Serves until the future `stop` makes completes; `stop` is called inside
+/// the runtime, before the address is announced.
 pub fn run_until<F: Future<Output = ()> + Send>(
     cfg: ServerConfig,
     on_ready: impl FnOnce(SocketAddr),
-    stop: F,
+    stop: impl FnOnce() -> F + Send,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
     let mut scfg = store_config(&cfg);
@@ -135,13 +140,16 @@ pub fn run_until<F: Future<Output = ()> + Send>(
     }
     let app2 = app.clone();
     let served = rt.block_on(async move {
+        // Both signals are taken over before the address is announced.
+        let stop = stop();
+        let usr1 = gc_signal();
         let listener = TcpListener::bind(cfg.addr)
             .await
             .map_err(io_err(format!("binding {}", cfg.addr)))?;
         let addr = listener.local_addr().map_err(io_err("local address"))?;
         tracing::info!(%addr, "listening");
         on_ready(addr);
-        serve(app2, listener, stop).await;
+        serve(app2, listener, stop, usr1).await;
         Ok::<_, ServeError>(())
     });
     drop(app);
@@ -170,13 +178,18 @@ fn close_store(mut store: Arc<Store>) {
     tracing::warn!("store still in use at exit; it closes when the last user drops it");
 }
 
-async fn serve<F: Future<Output = ()>>(app: Arc<App>, listener: TcpListener, stop: F) {
+async fn serve<F: Future<Output = ()>>(
+    app: Arc<App>,
+    listener: TcpListener,
+    stop: F,
+    usr1: Option<tokio::signal::unix::Signal>,
+) {
     let cfg = app.cfg.clone();
     let conns = Arc::new(tokio::sync::Semaphore::new(cfg.connections_max));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let expiry = tokio::spawn(expire_uploads(app.clone()));
-    let gc = tokio::spawn(collect_garbage(app.clone()));
+    let gc = tokio::spawn(collect_garbage(app.clone(), usr1));
     let scrub = tokio::spawn(scrub_segments(app.clone()));
     let mut stop = std::pin::pin!(stop);
     loop {
@@ -277,19 +290,23 @@ async fn expire_uploads(app: Arc<App>) {
     }
 }
 
-/// Online garbage collection every `gc_interval_secs` (the first run one
-/// interval after startup), and on demand when the process gets SIGUSR1
-/// (`kill -USR1 <pid>`; also with periodic runs off), on a blocking thread
-/// beside the traffic.
-async fn collect_garbage(app: Arc<App>) {
+/// Takes SIGUSR1 over (a request for a collection), inside the runtime.
+fn gc_signal() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut usr1 = match signal(SignalKind::user_defined1()) {
+    match signal(SignalKind::user_defined1()) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "no SIGUSR1 handler: on-demand collection is unavailable");
             None
         }
-    };
+    }
+}
+
+/// Online garbage collection every `gc_interval_secs` (the first run one
+/// interval after startup), and on demand when the process gets SIGUSR1
+/// (`kill -USR1 <pid>`; also with periodic runs off), on a blocking thread
+/// beside the traffic.
+async fn collect_garbage(app: Arc<App>, mut usr1: Option<tokio::signal::unix::Signal>) {
     let periodic = app.cfg.gc_interval_secs > 0;
     if !periodic && usr1.is_none() {
         return;
