@@ -106,8 +106,8 @@ fn shutdown_signal() -> impl Future<Output = ()> + Send {
     }
 }
 
-/// Serves until the future `stop` makes completes; `stop` is called inside
-/// the runtime, before the address is announced.
+/// Serves until the future that `stop` returns completes; `stop` is called
+/// inside the runtime, before the address is announced.
 pub fn run_until<F: Future<Output = ()> + Send>(
     cfg: ServerConfig,
     on_ready: impl FnOnce(SocketAddr),
@@ -140,7 +140,8 @@ pub fn run_until<F: Future<Output = ()> + Send>(
     }
     let app2 = app.clone();
     let served = rt.block_on(async move {
-        // Both signals are taken over before the address is announced.
+        // SIGTERM, SIGINT and SIGUSR1 are taken over before the address is
+        // announced.
         let stop = stop();
         let usr1 = gc_signal();
         let listener = TcpListener::bind(cfg.addr)
