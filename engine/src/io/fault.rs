@@ -297,9 +297,12 @@ mod tests {
             f.read_exact_at(&mut b, 0).unwrap_or_else(|e| panic!("{e}"));
             let zeros: Vec<usize> = (0..b.len()).filter(|&i| b[i] == 0).collect();
             assert_eq!(zeros.len() as u64, zeroed);
-            assert!(zeroed > 0 && zeroed % 4096 == 0);
+            assert!(zeroed > 0 && zeroed.is_multiple_of(4096));
             let (lo, hi) = (zeros[0] as u64, *zeros.last().unwrap_or(&0) as u64 + 1);
-            assert!(lo >= from && hi <= to && lo % 4096 == 0, "{lo}..{hi}");
+            assert!(
+                lo >= from && hi <= to && lo.is_multiple_of(4096),
+                "{lo}..{hi}"
+            );
             assert_eq!(hi - lo, zeroed, "one run of zeros");
             saw_bytes_after |= b[hi as usize..to as usize].contains(&0xAB);
         }
