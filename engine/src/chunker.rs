@@ -66,20 +66,12 @@ impl Chunker {
         piece: &Bytes,
         emit: &mut dyn FnMut(Bytes) -> crate::Result<()>,
     ) -> crate::Result<()> {
-        // The chunk in progress starts at `start` in this piece (or in
-        // `carry`, which then precedes it); `off` is the next byte to scan.
+        // The chunk in progress goes on at `start` in this piece, after
+        // the bytes of it that `carry` holds.
         let mut start = 0;
-        let mut off = 0;
-        loop {
-            let have = self.carry.len() + (off - start);
-            match self.find(piece, off, have) {
-                Found::Cut(len) => {
-                    let chunk = self.take_chunk(piece, &mut start, len);
-                    off = start;
-                    emit(chunk)?;
-                }
-                Found::More => break,
-            }
+        while let Found::Cut(len) = self.find(piece, start, self.carry.len()) {
+            let chunk = self.take_chunk(piece, &mut start, len);
+            emit(chunk)?;
         }
         if start < piece.len() {
             if self.carry.is_empty() {

@@ -76,11 +76,10 @@ impl Segments {
                 self.segment_bytes
             )));
         }
-        let full = match guard.as_ref() {
-            None => true,
-            Some(a) => a.offset + record_len > self.segment_bytes - FOOTER_BYTES,
-        };
-        if full {
+        if guard
+            .as_ref()
+            .is_none_or(|a| self.segment_full(a, record_len))
+        {
             if let Some(a) = guard.take() {
                 self.seal(a)?;
             }
@@ -196,12 +195,17 @@ impl Segments {
         Ok(chunks.len())
     }
 
+    /// Whether a record of `record_len` bytes would run into the active
+    /// segment's footer (the segment is sealed and replaced first).
+    fn segment_full(&self, a: &Active, record_len: u64) -> bool {
+        a.offset + record_len > self.segment_bytes - FOOTER_BYTES
+    }
+
     /// Whether a record of `record_len` bytes needs the append buffer's
     /// whole blocks written, or the active segment sealed, first.
     fn needs_room(&self, guard: &Option<Active>, record_len: usize) -> bool {
         guard.as_ref().is_none_or(|a| {
-            a.offset + record_len as u64 > self.segment_bytes - FOOTER_BYTES
-                || a.stage.is_full_for(record_len)
+            self.segment_full(a, record_len as u64) || a.stage.is_full_for(record_len)
         })
     }
 
