@@ -40,8 +40,13 @@ pub enum Error {
     BlobBroken { digest: Digest, chunks: u64 },
     #[error("segment {0} is referenced by the index but its file is missing")]
     SegmentMissing(SegmentId),
+    /// Boxed: two digests inline (65 bytes each) would make every
+    /// `Result` of the crate carry 136 bytes of error.
     #[error("digest mismatch: expected {expected}, computed {actual}")]
-    DigestMismatch { expected: Digest, actual: Digest },
+    DigestMismatch {
+        expected: Box<Digest>,
+        actual: Box<Digest>,
+    },
     #[error("size mismatch: expected {expected} bytes, received {actual}")]
     SizeMismatch { expected: u64, actual: u64 },
     #[error("invalid digest {input:?}: {reason}")]

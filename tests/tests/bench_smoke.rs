@@ -152,18 +152,29 @@ fn every_bench_scenario_runs_against_orlop() {
     reg.stop_and_fsck();
 }
 
-/// The push floor (benches/examples/push_floor/, built by `cargo test`
-/// beside the tests) takes `orlop bench --push-only` of both push
-/// scenarios, checking every digest, as `benches/compare` runs it.
-#[test]
-fn push_floor_takes_the_bench_pushes() {
+/// A floor example's process, killed when dropped (also when a test
+/// panics: it would otherwise outlive the test, holding its output open).
+struct Floor(std::process::Child);
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a floor example (built by `cargo test` beside the tests) on a
+/// free port; its process and the address its first line names.
+fn start_floor(name: &str, args: &[&str]) -> (Floor, String) {
     use std::io::BufRead;
     let floor = orlop_bin()
         .parent()
         .unwrap_or_else(|| panic!("no target dir"))
-        .join("examples/push_floor");
+        .join("examples")
+        .join(name);
     let mut child = Command::new(&floor)
         .args(["--port", "0"])
+        .args(args)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{}: {e}", floor.display()));
@@ -178,37 +189,99 @@ fn push_floor_takes_the_bench_pushes() {
         .map(|a| a.trim_end_matches(','))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
-    let run = |scenario: &str| -> Value {
-        let out = Command::new(orlop_bin())
-            .args(["bench", "--json", "--push-only", "--url"])
-            .arg(format!("http://{host}"))
-            .args(["--scenario", scenario])
-            .args(TINY_PUSHES)
-            .output()
-            .unwrap_or_else(|e| panic!("orlop bench: {e}"));
-        let v: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-        assert_eq!(out.status.code(), Some(0), "{v:#}");
-        v
-    };
-    let blob = run("blob");
-    let many = run("many-blobs");
-    let _ = child.kill();
-    let _ = child.wait();
-    let names = |v: &Value| -> Vec<String> {
-        v["scenarios"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s["scenario"].as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    (Floor(child), host)
+}
+
+/// `orlop bench --json` of one scenario against `host` with `args` (sizes
+/// and flags); its report, once it exited 0.
+fn bench_run(host: &str, scenario: &str, args: &[&str]) -> Value {
+    let out = Command::new(orlop_bin())
+        .args(["bench", "--json", "--url"])
+        .arg(format!("http://{host}"))
+        .args(["--scenario", scenario])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("orlop bench: {e}"));
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{v:#}");
+    v
+}
+
+/// The scenario names of a report, in order.
+fn names(v: &Value) -> Vec<String> {
+    v["scenarios"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["scenario"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The push floor (benches/examples/push_floor/) takes `orlop bench
+/// --push-only` of both push scenarios, checking every digest, as
+/// `benches/compare` runs it.
+#[test]
+fn push_floor_takes_the_bench_pushes() {
+    let (floor, host) = start_floor("push_floor", &[]);
+    let args = [&TINY_PUSHES[..], &["--push-only"]].concat();
+    let blob = bench_run(&host, "blob", &args);
+    let many = bench_run(&host, "many-blobs", &args);
+    drop(floor);
     assert_eq!(names(&blob), ["blob-push", "blob-push-chunked"], "{blob:#}");
     assert_eq!(names(&many), ["many-blobs-push"], "{many:#}");
     assert_eq!(blob["scenarios"][0]["bytes"], 3_000_000);
     assert_eq!(blob["scenarios"][1]["bytes"], 3_000_000);
     assert_eq!(many["scenarios"][0]["bytes"], 8 * 300_000);
     assert_eq!(many["scenarios"][0]["ops"], 8);
+}
+
+/// The pull floor (benches/examples/pull_floor/) keeps what the bench
+/// pushes and serves every pull back byte for byte (the bench compares
+/// each with what it pushed): the first pulls of the large blob read its
+/// records with O_DIRECT, the last two through the page cache. The large
+/// blob is 9 MB: three spans of reads, the last one short.
+#[test]
+fn pull_floor_serves_the_bench_pulls() {
+    let mut args = TINY_PUSHES;
+    args[1] = "9000000";
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let files = dir.path().join("pull-floor");
+    let files_arg = files.to_string_lossy().to_string();
+    let (floor, host) = start_floor("pull_floor", &["--dir", &files_arg]);
+    let blob = bench_run(&host, "blob", &args);
+    let many = bench_run(&host, "many-blobs", &args);
+    drop(floor);
+    assert_eq!(
+        names(&blob),
+        [
+            "blob-push",
+            "blob-push-chunked",
+            "blob-pull",
+            "blob-pull-hot"
+        ],
+        "{blob:#}"
+    );
+    assert_eq!(
+        names(&many),
+        ["many-blobs-push", "many-blobs-pull"],
+        "{many:#}"
+    );
+    for (v, i, bytes) in [
+        (&blob, 2, 9_000_000),
+        (&blob, 3, 9_000_000),
+        (&many, 1, 8 * 300_000),
+    ] {
+        assert_eq!(v["scenarios"][i]["bytes"], bytes, "{v:#}");
+        assert_eq!(v["scenarios"][i]["errors"], 0, "{v:#}");
+    }
+    // Two large blobs and eight small ones, each in a file of its own.
+    let stored = std::fs::read_dir(&files)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("sha256-"))
+        .count();
+    assert_eq!(stored, 10);
 }

@@ -412,8 +412,8 @@ impl BlobWriter {
             if *expected != actual {
                 self.discard();
                 return Err(Error::DigestMismatch {
-                    expected: expected.clone(),
-                    actual,
+                    expected: Box::new(expected.clone()),
+                    actual: Box::new(actual),
                 });
             }
         }
