@@ -85,6 +85,11 @@ pub enum Error {
     UnknownColumnFamily(String),
 }
 
+// Every `Result` of the crate carries room for an `Error`: keep it small
+// (clippy's `result_large_err` draws the line at 128 bytes). The largest
+// variant is `BlobBroken` (a digest inline and a count).
+const _: () = assert!(std::mem::size_of::<Error>() <= 88);
+
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -19,7 +19,8 @@ impl DigestAlgorithm {
             DigestAlgorithm::Sha512 => "sha512",
         }
     }
-    pub fn len(self) -> usize {
+    /// The hash's length in bytes.
+    pub fn hash_bytes(self) -> usize {
         match self {
             DigestAlgorithm::Sha256 => 32,
             DigestAlgorithm::Sha512 => 64,
@@ -49,7 +50,7 @@ pub struct Digest {
 
 impl Digest {
     pub fn new(alg: DigestAlgorithm, hash: &[u8]) -> Result<Self> {
-        if hash.len() != alg.len() {
+        if hash.len() != alg.hash_bytes() {
             return Err(Error::InvalidDigest {
                 input: hex::encode(hash),
                 reason: "hash length does not match algorithm",
@@ -75,7 +76,7 @@ impl Digest {
     }
 
     pub fn hash(&self) -> &[u8] {
-        &self.bytes[..self.alg.len()]
+        &self.bytes[..self.alg.hash_bytes()]
     }
 
     pub fn hex(&self) -> String {
@@ -84,7 +85,7 @@ impl Digest {
 
     /// Index key encoding: one algorithm tag byte, then the raw hash.
     pub fn to_key(&self) -> Vec<u8> {
-        let mut k = Vec::with_capacity(1 + self.alg.len());
+        let mut k = Vec::with_capacity(1 + self.alg.hash_bytes());
         k.push(self.alg.tag());
         k.extend_from_slice(self.hash());
         k
@@ -114,7 +115,7 @@ impl FromStr for Digest {
             "sha512" => DigestAlgorithm::Sha512,
             _ => return Err(err("unsupported algorithm")),
         };
-        if hex_part.len() != alg.len() * 2 {
+        if hex_part.len() != alg.hash_bytes() * 2 {
             return Err(err("wrong hash length"));
         }
         if !hex_part

@@ -249,7 +249,7 @@ impl Store {
                 marks.push((d, None));
             }
         }
-        if !dry_run && !(plan.is_empty() && marks.is_empty()) {
+        if !dry_run && (!plan.is_empty() || !marks.is_empty()) {
             let chunks = plan.iter().map(|(k, v)| (*k, *v)).collect();
             inner.request(|reply| Request::Repair {
                 plan: RepairPlan {

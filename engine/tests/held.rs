@@ -33,7 +33,7 @@ fn held_write_survives_restart_and_resumes() {
     let c = small_config(dir.path());
     // Content with internal repeats, so that chunks dedupe within the blob.
     let mut data = noise(1, 150_000);
-    data.extend_from_slice(&data[..60_000].to_vec());
+    data.extend_from_within(..60_000);
     data.extend_from_slice(&text(2, 90_000));
     let (a, b) = data.split_at(170_000);
     let s = open(&c);

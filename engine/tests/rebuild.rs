@@ -245,7 +245,7 @@ fn a_partly_compacted_transaction_still_replays() {
     assert!(c.segments_removed > 0, "{c:?}");
     assert_clean(&s);
     let want = rows(&s);
-    assert_eq!(want.get(&b"head".to_vec()), Some(&b"kept".to_vec()));
+    assert_eq!(want.get(b"head".as_slice()), Some(&b"kept".to_vec()));
     let s = rebuilt(s, &cfg, &want);
     s.close().unwrap_or_else(|e| panic!("{e}"));
 }

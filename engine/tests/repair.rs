@@ -134,7 +134,7 @@ fn wrong_counts_and_lost_chunk_entries_are_repaired() {
         let index =
             Index::open(&dir.path().join("index"), false, &[]).unwrap_or_else(|e| panic!("{e}"));
         let cf = index.cf(CF_CHUNKS).unwrap_or_else(|e| panic!("{e}"));
-        let entries: Vec<(Box<[u8]>, Box<[u8]>)> = index
+        let entries: Vec<orlop_engine::index::Row> = index
             .scan(CF_CHUNKS)
             .unwrap_or_else(|e| panic!("{e}"))
             .map(|kv| kv.unwrap_or_else(|e| panic!("{e}")))

@@ -65,7 +65,7 @@ fn registry_matches_model() {
     let seed: u64 = std::env::var("ORLOP_MODEL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::random());
+        .unwrap_or_else(rand::random);
     eprintln!("registry model seed: {seed} (replay with ORLOP_MODEL_SEED={seed})");
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let palette: Vec<Vec<u8>> = (0..6u64).map(|i| noise(300 + i, 120_000)).collect();

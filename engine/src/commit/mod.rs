@@ -319,7 +319,7 @@ fn process(inner: &Inner, group: Vec<Request>, seqs: &mut Seqs) {
         });
     }
     for r in replies {
-        r(written.as_ref().map(|_| ()).map_err(|e| e));
+        r(written.as_ref().map(|_| ()));
     }
 }
 

@@ -56,6 +56,9 @@ const BLOCK_CACHE_BYTES: usize = 64 << 20;
 /// per column family, which long pushes into many families would reach).
 const MEMTABLES_BYTES_MAX: usize = 64 << 20;
 
+/// One entry of a column family, as a scan yields it: key and value.
+pub type Row = (Box<[u8]>, Box<[u8]>);
+
 pub struct Index {
     db: DB,
     read_only: bool,
@@ -285,10 +288,7 @@ impl Index {
     }
 
     /// Every entry of a column family, in key order.
-    pub fn scan(
-        &self,
-        cf: &str,
-    ) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_> {
+    pub fn scan(&self, cf: &str) -> Result<impl Iterator<Item = Result<Row>> + '_> {
         Ok(self
             .db
             .iterator_cf(self.cf(cf)?, rocksdb::IteratorMode::Start)
@@ -300,7 +300,7 @@ impl Index {
         &'a self,
         cf: &str,
         prefix: &'a [u8],
-    ) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a> {
+    ) -> Result<impl Iterator<Item = Result<Row>> + 'a> {
         Ok(self
             .db
             .iterator_cf(

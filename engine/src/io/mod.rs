@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 use std::path::Path;
 use std::sync::Arc;
 
-/// One open segment file.
+/// One open segment file. (`len` is a file's length, and a file is not a
+/// collection: no `is_empty`.)
+#[allow(clippy::len_without_is_empty)]
 pub trait SegmentFile: Send + Sync {
     /// Writes all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()>;
@@ -26,6 +28,7 @@ pub trait SegmentFile: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> std::io::Result<()>;
+    /// The file's length in bytes.
     fn len(&self) -> std::io::Result<u64>;
     fn set_len(&self, len: u64) -> std::io::Result<()>;
     /// Starts writeback of a written range without waiting for it, so that a

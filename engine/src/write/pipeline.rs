@@ -424,7 +424,7 @@ impl CutStage {
                 .chunk(&id)?
                 .is_some_and(|e| !e.is_quarantined() && !inner.is_retiring(e.loc.segment));
             let is_new =
-                !stored && !self.sent.contains(&id) && !(self.held && self.staged_here(&id)?);
+                !stored && !self.sent.contains(&id) && (!self.held || !self.staged_here(&id)?);
             let compress = is_new && looks_compressible(&chunk);
             named.push((chunk, id, is_new, compress));
         }

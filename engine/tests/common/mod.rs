@@ -26,7 +26,11 @@ pub fn small_config(dir: &Path) -> StoreConfig {
 /// Writers cut and append on their caller's thread for even seeds, on
 /// threads of their own for odd ones, so that seeded runs cover both.
 pub fn inline_by_seed(c: &mut StoreConfig, seed: u64) {
-    c.write_inline_from_writers = if seed % 2 == 0 { 1 } else { usize::MAX };
+    c.write_inline_from_writers = if seed.is_multiple_of(2) {
+        1
+    } else {
+        usize::MAX
+    };
 }
 
 pub fn fault_config(dir: &Path, io: &FaultIo) -> StoreConfig {
