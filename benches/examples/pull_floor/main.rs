@@ -29,7 +29,7 @@ mod http;
 mod records;
 
 use crossbeam_channel::bounded;
-use http::{oci_error, read_head, respond, skip_body, Request};
+use http::{oci_error, respond, skip_body, Request};
 use orlop_engine::io::AlignedBuf;
 use records::{Opened, Stored, Writer};
 use ring::aead::LessSafeKey;
@@ -37,12 +37,11 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Uploads open at once, and connections served at once.
+/// Uploads open at once.
 const UPLOADS_MAX: usize = 256;
-const CONNECTIONS_MAX: usize = 256;
 /// A blob's reads before this many are direct; later ones go through the
 /// page cache (Orlop admits a span on its third read).
 const DIRECT_READS: u32 = 2;
@@ -86,21 +85,6 @@ impl Shared {
 
 fn lock_err<T>(_: T) -> io::Error {
     io::Error::other("lock poisoned")
-}
-
-fn serve(mut s: TcpStream, sh: Arc<Shared>) -> io::Result<()> {
-    s.set_nodelay(true)?;
-    let mut pending = Vec::new();
-    while let Some(req) = read_head(&mut s, &mut pending)? {
-        if req.expect_continue && req.len > 0 {
-            s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-        }
-        route(&mut s, &sh, &mut pending, &req)?;
-        if req.close {
-            break;
-        }
-    }
-    Ok(())
 }
 
 fn route(s: &mut TcpStream, sh: &Shared, pending: &mut Vec<u8>, req: &Request) -> io::Result<()> {
@@ -325,20 +309,5 @@ fn main() -> io::Result<()> {
     });
     let listener = TcpListener::bind(("127.0.0.1", port))?;
     eprintln!("pull floor on {}", listener.local_addr()?);
-    let live = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        let s = conn?;
-        if live.load(Ordering::SeqCst) >= CONNECTIONS_MAX {
-            continue; // dropped: the client sees the connection closed
-        }
-        live.fetch_add(1, Ordering::SeqCst);
-        let (sh, live) = (sh.clone(), live.clone());
-        std::thread::spawn(move || {
-            if let Err(e) = serve(s, sh) {
-                eprintln!("connection: {e}");
-            }
-            live.fetch_sub(1, Ordering::SeqCst);
-        });
-    }
-    Ok(())
+    http::serve_forever(listener, sh, route)
 }

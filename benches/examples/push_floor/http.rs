@@ -1,11 +1,61 @@
-//! The little HTTP/1.1 the floor speaks: request heads (httparse), plain
-//! responses, OCI error bodies.
+//! The little HTTP/1.1 the floors speak (the push floor's, and the pull
+//! floor's through `#[path]`): a thread per connection, request heads
+//! (httparse), plain responses, OCI error bodies.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// Largest request head accepted.
 const HEAD_BYTES_MAX: usize = 64 << 10;
+/// Connections served at once; one more is closed at once.
+const CONNECTIONS_MAX: usize = 256;
+
+/// What answers one request: the connection, the server's state, the
+/// bytes read past the request's head, the head.
+pub(crate) type Route<S> = fn(&mut TcpStream, &S, &mut Vec<u8>, &Request) -> io::Result<()>;
+
+/// Serves every connection `listener` takes on a thread of its own, each
+/// request by `route`, until accepting fails.
+pub(crate) fn serve_forever<S: Send + Sync + 'static>(
+    listener: TcpListener,
+    sh: Arc<S>,
+    route: Route<S>,
+) -> io::Result<()> {
+    let live = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let s = conn?;
+        if live.load(Ordering::SeqCst) >= CONNECTIONS_MAX {
+            continue; // dropped: the client sees the connection closed
+        }
+        live.fetch_add(1, Ordering::SeqCst);
+        let (sh, live) = (sh.clone(), live.clone());
+        std::thread::spawn(move || {
+            if let Err(e) = serve(s, sh.as_ref(), route) {
+                eprintln!("connection: {e}");
+            }
+            live.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+    Ok(())
+}
+
+/// One connection's requests, in turn.
+fn serve<S>(mut s: TcpStream, sh: &S, route: Route<S>) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut pending = Vec::new();
+    while let Some(req) = read_head(&mut s, &mut pending)? {
+        if req.expect_continue && req.len > 0 {
+            s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        route(&mut s, sh, &mut pending, &req)?;
+        if req.close {
+            break;
+        }
+    }
+    Ok(())
+}
 
 pub(crate) struct Request {
     pub(crate) method: String,
@@ -19,7 +69,7 @@ pub(crate) struct Request {
 
 /// Reads a request head into `pending`, parses it and drops it from
 /// `pending`; `None` when the peer closed the connection.
-pub(crate) fn read_head(s: &mut TcpStream, pending: &mut Vec<u8>) -> io::Result<Option<Request>> {
+fn read_head(s: &mut TcpStream, pending: &mut Vec<u8>) -> io::Result<Option<Request>> {
     let mut buf = [0u8; 16 << 10];
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];

@@ -31,18 +31,17 @@ mod http;
 mod upload;
 
 use cut::Keys;
-use http::{oci_error, read_head, respond, skip_body, Request};
+use http::{oci_error, respond, skip_body, Request};
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use upload::Upload;
 
 /// Uploads open at once (each holds a 4 MiB block, two at most four and
-/// two threads: at most about 1 GiB in all), and connections served at once.
+/// two threads: at most about 1 GiB in all).
 const UPLOADS_MAX: usize = 256;
-const CONNECTIONS_MAX: usize = 256;
 /// With this many other uploads open, a new one hashes and cuts on its
 /// connection's thread (Orlop's `write_inline_from_writers`: the cores).
 const INLINE_FROM_UPLOADS: usize = 2;
@@ -59,21 +58,6 @@ struct Shared {
     uploads: Mutex<HashMap<u64, Upload>>,
     open: AtomicUsize,
     next_id: AtomicU64,
-}
-
-fn serve(mut s: TcpStream, sh: Arc<Shared>) -> io::Result<()> {
-    s.set_nodelay(true)?;
-    let mut pending = Vec::new();
-    while let Some(req) = read_head(&mut s, &mut pending)? {
-        if req.expect_continue && req.len > 0 {
-            s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-        }
-        route(&mut s, &sh, &mut pending, &req)?;
-        if req.close {
-            break;
-        }
-    }
-    Ok(())
 }
 
 fn route(s: &mut TcpStream, sh: &Shared, pending: &mut Vec<u8>, req: &Request) -> io::Result<()> {
@@ -215,20 +199,5 @@ fn main() -> io::Result<()> {
     let listener = TcpListener::bind(("127.0.0.1", port))?;
     // The first line names the address (`--port 0` picks a free port).
     eprintln!("push floor on {}, work {work:?}", listener.local_addr()?);
-    let live = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        let s = conn?;
-        if live.load(Ordering::SeqCst) >= CONNECTIONS_MAX {
-            continue; // dropped: the client sees the connection closed
-        }
-        live.fetch_add(1, Ordering::SeqCst);
-        let (sh, live) = (sh.clone(), live.clone());
-        std::thread::spawn(move || {
-            if let Err(e) = serve(s, sh) {
-                eprintln!("connection: {e}");
-            }
-            live.fetch_sub(1, Ordering::SeqCst);
-        });
-    }
-    Ok(())
+    http::serve_forever(listener, sh, route)
 }
