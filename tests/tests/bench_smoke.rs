@@ -45,44 +45,31 @@ fn every_bench_scenario_runs_against_orlop() {
         .write(true)
         .open("/proc/sys/vm/drop_caches")
         .is_ok();
-    let out = Command::new(orlop_bin())
-        .args([
-            "bench",
-            "--json",
-            "--url",
-            &format!("http://{}", reg.host()),
-        ])
-        .args(TINY_PUSHES)
-        .args([
-            "--manifests",
-            "20",
-            "--get-concurrency",
-            "4",
-            "--get-secs",
-            "1",
-            "--memory-pushes",
-            "6",
-            "--memory-bytes",
-            "2000000",
-            "--server-pid",
-            &reg.child.id().to_string(),
-            "--server-data",
-        ])
-        .arg(&data)
-        .arg("--corpus")
-        .arg(&corpus)
-        .args(cold.then_some("--drop-caches"))
-        .output()
-        .unwrap_or_else(|e| panic!("orlop bench: {e}"));
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(out.status.code(), Some(0), "{v:#}");
+    let pid = reg.child.id().to_string();
+    let (data_arg, corpus_arg) = (data.to_string_lossy(), corpus.to_string_lossy());
+    let mut args = TINY_PUSHES.to_vec();
+    args.extend([
+        "--manifests",
+        "20",
+        "--get-concurrency",
+        "4",
+        "--get-secs",
+        "1",
+        "--memory-pushes",
+        "6",
+        "--memory-bytes",
+        "2000000",
+        "--server-pid",
+        &pid,
+        "--server-data",
+        &data_arg,
+        "--corpus",
+        &corpus_arg,
+    ]);
+    args.extend(cold.then_some("--drop-caches"));
+    let v = bench_run(&reg.host(), "all", &args);
     assert_eq!(v["errors"], 0, "{v:#}");
     let mut scenarios = v["scenarios"].as_array().cloned().unwrap_or_default();
-    let names: Vec<&str> = scenarios
-        .iter()
-        .filter_map(|s| s["scenario"].as_str())
-        .collect();
     let mut want = vec![
         "images-push",
         "images-pull",
@@ -101,7 +88,7 @@ fn every_bench_scenario_runs_against_orlop() {
         "manifests-get",
         "memory-push",
     ]);
-    assert_eq!(names, want);
+    assert_eq!(names(&v), want);
     for s in &scenarios {
         assert!(s["ops"].as_u64().unwrap_or(0) > 0, "{s:#}");
         assert!(s["mb_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{s:#}");

@@ -169,11 +169,7 @@ fn upload(
         return respond(s, "202 Accepted", &hs, "");
     }
     let (got, stored) = w.finish(&sh.cipher)?;
-    let want = req
-        .query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("digest="))
-        .map(|d| d.replace("%3A", ":").replace("%3a", ":"));
+    let want = http::form_digest(&req.query);
     if want.as_deref() != Some(got.as_str()) {
         let _ = std::fs::remove_file(&stored.path);
         let body = oci_error("DIGEST_INVALID", "digest does not match");

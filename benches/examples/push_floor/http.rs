@@ -140,6 +140,14 @@ pub(crate) fn respond(
     s.write_all(out.as_bytes())
 }
 
+/// `digest=` of a query string, percent-decoded (only `%3A`, as clients send it).
+pub(crate) fn form_digest(query: &str) -> Option<String> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("digest="))
+        .map(|d| d.replace("%3A", ":").replace("%3a", ":"))
+}
+
 pub(crate) fn oci_error(code: &str, message: &str) -> String {
     format!(r#"{{"errors":[{{"code":"{code}","message":"{message}"}}]}}"#)
 }

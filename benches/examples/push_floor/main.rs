@@ -143,7 +143,7 @@ fn route(s: &mut TcpStream, sh: &Shared, pending: &mut Vec<u8>, req: &Request) -
         );
     }
     sh.open.fetch_sub(1, Ordering::SeqCst);
-    let want = form_digest(&req.query);
+    let want = http::form_digest(&req.query);
     let got = up.finish()?;
     if want.as_deref() != Some(got.as_str()) {
         return respond(
@@ -163,14 +163,6 @@ fn route(s: &mut TcpStream, sh: &Shared, pending: &mut Vec<u8>, req: &Request) -
         ],
         "",
     )
-}
-
-/// `digest=` of a query string, percent-decoded (only `%3A`, as clients send it).
-fn form_digest(query: &str) -> Option<String> {
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("digest="))
-        .map(|d| d.replace("%3A", ":").replace("%3a", ":"))
 }
 
 fn main() -> io::Result<()> {
