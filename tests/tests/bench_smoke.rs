@@ -225,6 +225,61 @@ fn push_floor_takes_the_bench_pushes() {
     assert_eq!(many["scenarios"][0]["ops"], 8);
 }
 
+/// The plaintext bytes of the records in a push floor upload file (walked
+/// record by record from the start until the zero padding after the last),
+/// each record's CRC32C checked.
+fn kept_plain_bytes(path: &std::path::Path) -> u64 {
+    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let le = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
+    let (mut at, mut plain) = (0, 0u64);
+    while at + 64 <= b.len() && &b[at..at + 4] == b"CHNK" {
+        let (payload, raw) = (le(at + 8), le(at + 12));
+        assert_eq!(payload, raw + 16, "record at {at} of {}", path.display());
+        assert!(at + 64 + payload <= b.len(), "record at {at} cut short");
+        let crc = crc32c::crc32c(&b[at + 64..at + 64 + payload]);
+        assert_eq!(
+            crc as usize,
+            le(at + 60),
+            "record at {at} of {}",
+            path.display()
+        );
+        plain += raw as u64;
+        at += 64 + payload;
+    }
+    assert!(
+        b[at..].iter().all(|&x| x == 0),
+        "bytes after the last record"
+    );
+    plain
+}
+
+/// With `--keep`, the push floor writes every upload's sealed records to
+/// a file of its own before it answers: the records of each file add up
+/// to exactly the bytes of its blob (the chunked upload's file was synced
+/// at every PATCH and written on after it).
+#[test]
+fn push_floor_keeps_the_records_with_keep() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let kept = dir.path().join("kept");
+    let kept_arg = kept.to_string_lossy().to_string();
+    let (floor, host) = start_floor("push_floor", &["--keep", &kept_arg]);
+    let args = [&TINY_PUSHES[..], &["--push-only"]].concat();
+    let blob = bench_run(&host, "blob", &args);
+    let many = bench_run(&host, "many-blobs", &args);
+    drop(floor);
+    assert_eq!(names(&blob), ["blob-push", "blob-push-chunked"], "{blob:#}");
+    assert_eq!(names(&many), ["many-blobs-push"], "{many:#}");
+    let mut sizes: Vec<u64> = std::fs::read_dir(&kept)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .filter_map(|e| e.ok())
+        .map(|e| kept_plain_bytes(&e.path()))
+        .collect();
+    sizes.sort_unstable();
+    let mut want = vec![300_000u64; 8];
+    want.extend([3_000_000, 3_000_000]);
+    assert_eq!(sizes, want);
+}
+
 /// The pull floor (benches/examples/pull_floor/) keeps what the bench
 /// pushes and serves every pull back byte for byte (the bench compares
 /// each with what it pushed): the first pulls of the large blob read its

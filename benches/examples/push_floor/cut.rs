@@ -1,6 +1,9 @@
 //! The work a chunk gets on its way to a segment: FastCDC cut points, a
-//! keyed BLAKE3 name, a copy into a record buffer, AES-256-GCM and CRC32C.
+//! keyed BLAKE3 name, a copy into a record buffer, AES-256-GCM and CRC32C;
+//! with a [`Sink`], the record buffer is the upload's append buffer and
+//! the records are written and synced.
 
+use crate::keep::{Sink, HEAD_BYTES};
 use orlop_engine::ChunkParams;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use std::io;
@@ -37,10 +40,12 @@ pub(crate) struct Cutter {
     carry: Vec<u8>,
     record: Vec<u8>,
     sealed: u64,
+    /// Where the records go, with `--keep`.
+    sink: Option<Sink>,
 }
 
 impl Cutter {
-    pub(crate) fn new(keys: Arc<Keys>) -> Self {
+    pub(crate) fn new(keys: Arc<Keys>, sink: Option<Sink>) -> Self {
         let p = ChunkParams::default();
         let bits = fastcdc::v2020::logarithm2(p.avg_bytes) as usize;
         Cutter {
@@ -51,6 +56,7 @@ impl Cutter {
             carry: Vec::with_capacity(2 * p.max_bytes as usize),
             record: Vec::with_capacity(p.max_bytes as usize + 16),
             sealed: 0,
+            sink,
         }
     }
 
@@ -73,27 +79,48 @@ impl Cutter {
         len.clamp(1, src.len())
     }
 
-    /// Names, copies, seals and checksums one chunk; keeps nothing.
+    /// Names, copies, seals and checksums one chunk; appends the record to
+    /// the sink if there is one, else keeps nothing.
     fn chunk(&mut self, c: &[u8]) -> io::Result<()> {
         let id = blake3::keyed_hash(&self.keys.naming, c);
-        self.record.clear();
-        self.record.extend_from_slice(c);
         let mut nonce = [0u8; 12];
         nonce[..8].copy_from_slice(&self.sealed.to_le_bytes());
         self.sealed += 1;
-        let tag = self
-            .keys
-            .cipher
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(id.as_bytes()),
-                &mut self.record,
-            )
-            .map_err(|_| io::Error::other("seal"))?;
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&self.record), tag.as_ref());
-        // Kept from the optimiser: the floor must do the work it measures.
-        std::hint::black_box((id, crc));
-        Ok(())
+        let seal = |body: &mut [u8]| {
+            self.keys
+                .cipher
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(id.as_bytes()),
+                    body,
+                )
+                .map_err(|_| io::Error::other("seal"))
+        };
+        let Some(sink) = self.sink.as_mut() else {
+            self.record.clear();
+            self.record.extend_from_slice(c);
+            let tag = seal(&mut self.record)?;
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&self.record), tag.as_ref());
+            // Kept from the optimiser: the floor must do the work it measures.
+            std::hint::black_box((id, crc));
+            return Ok(());
+        };
+        let bytes = HEAD_BYTES + c.len() + 16;
+        let rec = sink.room(bytes)?;
+        let (head, rest) = rec.split_at_mut(HEAD_BYTES);
+        let (body, tag_at) = rest.split_at_mut(c.len());
+        body.copy_from_slice(c);
+        let tag = seal(body)?;
+        tag_at.copy_from_slice(tag.as_ref());
+        let crc = crc32c::crc32c(rest);
+        head[..4].copy_from_slice(b"CHNK");
+        head[4] = 1;
+        head[8..12].copy_from_slice(&((c.len() + 16) as u32).to_le_bytes());
+        head[12..16].copy_from_slice(&(c.len() as u32).to_le_bytes());
+        head[16..48].copy_from_slice(id.as_bytes());
+        head[48..60].copy_from_slice(&nonce);
+        head[60..64].copy_from_slice(&crc.to_le_bytes());
+        sink.appended(bytes)
     }
 
     /// Cuts, names and seals the chunks of `src` starting at `at`, while
@@ -138,10 +165,14 @@ impl Cutter {
         Ok(())
     }
 
-    /// Cuts what is left at the end of the stream.
+    /// Cuts what is left at the end of the stream (or of a PATCH); with a
+    /// sink, writes and syncs every record so far.
     pub(crate) fn finish(&mut self) -> io::Result<()> {
         let carry = std::mem::take(&mut self.carry);
         self.cut_from(&carry, 0, |s| s < carry.len())?;
-        Ok(())
+        match self.sink.as_mut() {
+            Some(sink) => sink.sync(),
+            None => Ok(()),
+        }
     }
 }

@@ -23,11 +23,18 @@
 //! connection's thread, as Orlop's writers do (`write_inline_from_writers`,
 //! by default the cores).
 //!
+//!
+//! With `--keep DIR` it also does the disk work a durable push cannot skip
+//! (`keep.rs`): each upload's records are written to a file of its own
+//! with O_DIRECT, 1 MiB at a time, and synced before a PATCH or PUT is
+//! answered. That floor bounds a registry that keeps what it acknowledges.
+//!
 //! `cut.rs` is the per-chunk work, `upload.rs` one upload's hashing and
 //! cutting (threaded or inline), `http.rs` the little HTTP/1.1 it speaks.
 
 mod cut;
 mod http;
+mod keep;
 mod upload;
 
 use cut::Keys;
@@ -35,6 +42,7 @@ use http::{oci_error, respond, skip_body, Request};
 use std::collections::HashMap;
 use std::io;
 use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use upload::Upload;
@@ -55,6 +63,8 @@ enum Work {
 struct Shared {
     work: Work,
     keys: Arc<Keys>,
+    /// With `--keep`: where each upload's records are written.
+    keep: Option<PathBuf>,
     uploads: Mutex<HashMap<u64, Upload>>,
     open: AtomicUsize,
     next_id: AtomicU64,
@@ -80,7 +90,11 @@ fn route(s: &mut TcpStream, sh: &Shared, pending: &mut Vec<u8>, req: &Request) -
         }
         let inline = sh.open.fetch_add(1, Ordering::SeqCst) >= INLINE_FROM_UPLOADS;
         let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
-        uploads.insert(id, Upload::new(sh.work, &sh.keys, inline)?);
+        let sink = match &sh.keep {
+            Some(dir) => Some(keep::Sink::create(dir, id)?),
+            None => None,
+        };
+        uploads.insert(id, Upload::new(sh.work, &sh.keys, inline, sink)?);
         drop(uploads);
         let loc = format!("{p}{id}");
         return respond(
@@ -168,28 +182,40 @@ fn route(s: &mut TcpStream, sh: &Shared, pending: &mut Vec<u8>, req: &Request) -
 fn main() -> io::Result<()> {
     let mut port = 5301u16;
     let mut work = Work::Full;
+    let mut keep = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
             ("--port", Some(v)) => port = v.parse().map_err(|_| io::Error::other("--port N"))?,
             ("--work", Some(v)) if v == "full" => work = Work::Full,
             ("--work", Some(v)) if v == "sha" => work = Work::Sha,
+            ("--keep", Some(v)) => keep = Some(PathBuf::from(v)),
             _ => {
                 return Err(io::Error::other(
-                    "usage: push_floor [--port N] [--work full|sha]",
+                    "usage: push_floor [--port N] [--work full|sha] [--keep DIR]",
                 ))
             }
         }
     }
+    if let Some(dir) = &keep {
+        if work != Work::Full {
+            return Err(io::Error::other("--keep needs --work full"));
+        }
+        std::fs::create_dir_all(dir)?;
+    }
     let sh = Arc::new(Shared {
         work,
         keys: Arc::new(Keys::new()?),
+        keep: keep.clone(),
         uploads: Mutex::new(HashMap::new()),
         open: AtomicUsize::new(0),
         next_id: AtomicU64::new(0),
     });
     let listener = TcpListener::bind(("127.0.0.1", port))?;
     // The first line names the address (`--port 0` picks a free port).
-    eprintln!("push floor on {}, work {work:?}", listener.local_addr()?);
+    eprintln!(
+        "push floor on {}, work {work:?}, keep {keep:?}",
+        listener.local_addr()?
+    );
     http::serve_forever(listener, sh, route)
 }

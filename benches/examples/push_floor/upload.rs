@@ -2,6 +2,7 @@
 //! blocks read straight from the socket, or on its connection's thread.
 
 use crate::cut::{Cutter, Keys};
+use crate::keep::Sink;
 use crate::Work;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use sha2::Digest as _;
@@ -50,8 +51,15 @@ fn hex_digest(sha: sha2::Sha256) -> String {
 }
 
 impl Upload {
-    pub(crate) fn new(work: Work, keys: &Arc<Keys>, inline: bool) -> io::Result<Upload> {
-        let cutter = (work == Work::Full).then(|| Box::new(Cutter::new(keys.clone())));
+    /// With a sink (`--keep`, and only with `Work::Full`) the records are
+    /// written and synced.
+    pub(crate) fn new(
+        work: Work,
+        keys: &Arc<Keys>,
+        inline: bool,
+        sink: Option<Sink>,
+    ) -> io::Result<Upload> {
+        let cutter = (work == Work::Full).then(|| Box::new(Cutter::new(keys.clone(), sink)));
         if inline {
             let pipe = Pipe::Inline {
                 sha: sha2::Sha256::new(),
