@@ -3,13 +3,18 @@
 //! written with O_DIRECT in 1 MiB writes (Orlop's append buffer) and
 //! synced with fdatasync before a PATCH or PUT is answered (Orlop's
 //! checkpoint and commit). Nothing indexes them: they are written, not
-//! read back.
+//! read back. A lone upload's full buffers are written by a thread of
+//! their own while the next fills (Orlop's lone writer appends on its own
+//! thread, at most two writes in flight behind it); among many uploads
+//! each writes on its connection's thread, as Orlop's inline writers do.
 
+use crossbeam_channel::{bounded, Receiver, Sender};
 use orlop_engine::io::{AlignedBuf, BLOCK_BYTES};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 /// A record's header, as the engine's (magic, kind, lengths, chunk id,
 /// nonce, CRC32C).
@@ -19,28 +24,112 @@ const WRITE_BYTES: usize = 1 << 20;
 /// Room for a full write plus the largest record that may overhang it.
 const BUF_BYTES: usize = WRITE_BYTES + (4 << 20) + 2 * BLOCK_BYTES;
 
+/// Full buffers in flight at most behind a lone upload (Orlop's
+/// `WRITES_BEHIND_MAX`).
+const WRITES_BEHIND_MAX: usize = 2;
+
+/// A thread writing full buffers behind the upload, in order.
+struct Behind {
+    tx: Sender<(AlignedBuf, u64)>,
+    back: Receiver<io::Result<AlignedBuf>>,
+    spares: Vec<AlignedBuf>,
+    in_flight: usize,
+}
+
+impl Behind {
+    fn start(file: Arc<File>) -> io::Result<Behind> {
+        let (tx, rx) = bounded::<(AlignedBuf, u64)>(WRITES_BEHIND_MAX);
+        let (back_tx, back) = bounded(WRITES_BEHIND_MAX);
+        std::thread::Builder::new()
+            .name("floor-write".into())
+            .spawn(move || {
+                for (buf, at) in rx {
+                    let r = file
+                        .write_all_at(&buf.as_slice()[..WRITE_BYTES], at)
+                        .map(|()| buf);
+                    if back_tx.send(r).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Behind {
+            tx,
+            back,
+            spares: Vec::new(),
+            in_flight: 0,
+        })
+    }
+
+    /// A buffer to fill next: a spare, a new one while fewer than the
+    /// bound exist, or the first to come back from the disk.
+    fn next(&mut self) -> io::Result<AlignedBuf> {
+        if let Some(b) = self.spares.pop() {
+            return Ok(b);
+        }
+        if self.in_flight < WRITES_BEHIND_MAX {
+            return Ok(AlignedBuf::new(BUF_BYTES));
+        }
+        self.wait_one()
+    }
+
+    fn wait_one(&mut self) -> io::Result<AlignedBuf> {
+        let b = self
+            .back
+            .recv()
+            .map_err(|_| io::Error::other("writer thread gone"))??;
+        self.in_flight -= 1;
+        Ok(b)
+    }
+
+    fn send(&mut self, buf: AlignedBuf, at: u64) -> io::Result<()> {
+        self.tx
+            .send((buf, at))
+            .map_err(|_| io::Error::other("writer thread gone"))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Returns once no write is in flight.
+    fn drain(&mut self) -> io::Result<()> {
+        while self.in_flight > 0 {
+            let b = self.wait_one()?;
+            self.spares.push(b);
+        }
+        Ok(())
+    }
+}
+
 /// One upload's file and its append buffer.
 pub(crate) struct Sink {
-    file: File,
+    file: Arc<File>,
     buf: AlignedBuf,
     fill: usize,
     /// Bytes of the file written for good (whole writes).
     written: u64,
+    behind: Option<Behind>,
 }
 
 impl Sink {
-    pub(crate) fn create(dir: &Path, id: u64) -> io::Result<Sink> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(dir.join(format!("upload-{id}")))?;
+    /// With `behind`, full buffers are written by a thread of their own.
+    pub(crate) fn create(dir: &Path, id: u64, behind: bool) -> io::Result<Sink> {
+        let file = Arc::new(
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(dir.join(format!("upload-{id}")))?,
+        );
+        let behind = match behind {
+            true => Some(Behind::start(file.clone())?),
+            false => None,
+        };
         Ok(Sink {
             file,
             buf: AlignedBuf::new(BUF_BYTES),
             fill: 0,
             written: 0,
+            behind,
         })
     }
 
@@ -53,24 +142,39 @@ impl Sink {
         Ok(&mut self.buf.as_mut_slice()[self.fill..self.fill + bytes])
     }
 
-    /// The record in [`Sink::room`] is complete: a full buffer is written.
+    /// The record in [`Sink::room`] is complete: a full buffer is written
+    /// (or handed to the writing thread), what overhangs it kept.
     pub(crate) fn appended(&mut self, bytes: usize) -> io::Result<()> {
         self.fill += bytes;
-        if self.fill >= WRITE_BYTES {
-            self.file
-                .write_all_at(&self.buf.as_slice()[..WRITE_BYTES], self.written)?;
-            self.written += WRITE_BYTES as u64;
-            self.buf
-                .as_mut_slice()
-                .copy_within(WRITE_BYTES..self.fill, 0);
-            self.fill -= WRITE_BYTES;
+        if self.fill < WRITE_BYTES {
+            return Ok(());
         }
+        let rest = WRITE_BYTES..self.fill;
+        match self.behind.as_mut() {
+            None => {
+                self.file
+                    .write_all_at(&self.buf.as_slice()[..WRITE_BYTES], self.written)?;
+                self.buf.as_mut_slice().copy_within(rest, 0);
+            }
+            Some(b) => {
+                let mut next = b.next()?;
+                next.as_mut_slice()[..rest.len()].copy_from_slice(&self.buf.as_slice()[rest]);
+                let full = std::mem::replace(&mut self.buf, next);
+                b.send(full, self.written)?;
+            }
+        }
+        self.written += WRITE_BYTES as u64;
+        self.fill -= WRITE_BYTES;
         Ok(())
     }
 
     /// Writes what is buffered (padded to a block; the next write starts
-    /// over it, as a checkpointed append buffer does) and syncs the file.
+    /// over it, as a checkpointed append buffer does) once the write in
+    /// flight is done, and syncs the file.
     pub(crate) fn sync(&mut self) -> io::Result<()> {
+        if let Some(b) = self.behind.as_mut() {
+            b.drain()?;
+        }
         if self.fill > 0 {
             let padded = self.fill.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
             self.buf.as_mut_slice()[self.fill..padded].fill(0);

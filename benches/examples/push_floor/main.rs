@@ -26,8 +26,10 @@
 //!
 //! With `--keep DIR` it also does the disk work a durable push cannot skip
 //! (`keep.rs`): each upload's records are written to a file of its own
-//! with O_DIRECT, 1 MiB at a time, and synced before a PATCH or PUT is
-//! answered. That floor bounds a registry that keeps what it acknowledges.
+//! with O_DIRECT, 1 MiB at a time (a lone upload's by a thread of their
+//! own, behind its cutting, as Orlop's lone writer appends on a thread of
+//! its own), and synced before a PATCH or PUT is answered. That floor
+//! bounds a registry that keeps what it acknowledges.
 //!
 //! `cut.rs` is the per-chunk work, `upload.rs` one upload's hashing and
 //! cutting (threaded or inline), `http.rs` the little HTTP/1.1 it speaks.
@@ -91,7 +93,7 @@ fn route(s: &mut TcpStream, sh: &Shared, pending: &mut Vec<u8>, req: &Request) -
         let inline = sh.open.fetch_add(1, Ordering::SeqCst) >= INLINE_FROM_UPLOADS;
         let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
         let sink = match &sh.keep {
-            Some(dir) => Some(keep::Sink::create(dir, id)?),
+            Some(dir) => Some(keep::Sink::create(dir, id, !inline)?),
             None => None,
         };
         uploads.insert(id, Upload::new(sh.work, &sh.keys, inline, sink)?);
