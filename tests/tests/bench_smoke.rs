@@ -207,18 +207,25 @@ fn names(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The push floor (benches/examples/push_floor/) takes `orlop bench
-/// --push-only` of both push scenarios, checking every digest, as
-/// `benches/compare` runs it.
-#[test]
-fn push_floor_takes_the_bench_pushes() {
-    let (floor, host) = start_floor("push_floor", &[]);
+/// `orlop bench --push-only` of both push scenarios at tiny sizes against
+/// the push floor started with `floor_args`; their reports.
+fn push_floor_runs(floor_args: &[&str]) -> (Value, Value) {
+    let (floor, host) = start_floor("push_floor", floor_args);
     let args = [&TINY_PUSHES[..], &["--push-only"]].concat();
     let blob = bench_run(&host, "blob", &args);
     let many = bench_run(&host, "many-blobs", &args);
     drop(floor);
     assert_eq!(names(&blob), ["blob-push", "blob-push-chunked"], "{blob:#}");
     assert_eq!(names(&many), ["many-blobs-push"], "{many:#}");
+    (blob, many)
+}
+
+/// The push floor (benches/examples/push_floor/) takes `orlop bench
+/// --push-only` of both push scenarios, checking every digest, as
+/// `benches/compare` runs it.
+#[test]
+fn push_floor_takes_the_bench_pushes() {
+    let (blob, many) = push_floor_runs(&[]);
     assert_eq!(blob["scenarios"][0]["bytes"], 3_000_000);
     assert_eq!(blob["scenarios"][1]["bytes"], 3_000_000);
     assert_eq!(many["scenarios"][0]["bytes"], 8 * 300_000);
@@ -262,13 +269,7 @@ fn push_floor_keeps_the_records_with_keep() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let kept = dir.path().join("kept");
     let kept_arg = kept.to_string_lossy().to_string();
-    let (floor, host) = start_floor("push_floor", &["--keep", &kept_arg]);
-    let args = [&TINY_PUSHES[..], &["--push-only"]].concat();
-    let blob = bench_run(&host, "blob", &args);
-    let many = bench_run(&host, "many-blobs", &args);
-    drop(floor);
-    assert_eq!(names(&blob), ["blob-push", "blob-push-chunked"], "{blob:#}");
-    assert_eq!(names(&many), ["many-blobs-push"], "{many:#}");
+    push_floor_runs(&["--keep", &kept_arg]);
     let mut sizes: Vec<u64> = std::fs::read_dir(&kept)
         .unwrap_or_else(|e| panic!("{e}"))
         .filter_map(|e| e.ok())
