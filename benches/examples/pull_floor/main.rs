@@ -21,11 +21,13 @@
 //! threads of its own, one span ahead each, while its connection's thread
 //! writes the plaintext out.
 //!
-//! `records.rs` is the on-disk form; the HTTP head parsing is the push
-//! floor's (`../push_floor/http.rs`).
+//! `records.rs` is the on-disk form; the HTTP head parsing and the append
+//! buffer are the push floor's (`../push_floor/http.rs`, `keep.rs`).
 
 #[path = "../push_floor/http.rs"]
 mod http;
+#[path = "../push_floor/keep.rs"]
+mod keep;
 mod records;
 
 use crossbeam_channel::bounded;

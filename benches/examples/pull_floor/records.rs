@@ -1,9 +1,11 @@
 //! The pull floor's blobs on disk: the bytes cut into records of 64 KiB of
 //! plaintext (FastCDC's average in Orlop), each sealed with AES-256-GCM and
 //! stored back to back in one file per blob, written with O_DIRECT as
-//! Orlop's appends are. Record layout: plaintext length (u32 LE), nonce
-//! (12 bytes), ciphertext, tag (16 bytes).
+//! Orlop's appends are (through the push floor's `keep::Sink`). Record
+//! layout: plaintext length (u32 LE), nonce (12 bytes), ciphertext, tag
+//! (16 bytes).
 
+use crate::keep::Sink;
 use orlop_engine::io::{AlignedBuf, BLOCK_BYTES};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use sha2::Digest as _;
@@ -30,11 +32,8 @@ pub(crate) fn cipher() -> io::Result<LessSafeKey> {
 
 /// A blob being pushed: hashed, sealed record by record, written behind.
 pub(crate) struct Writer {
-    file: File,
+    sink: Sink,
     path: PathBuf,
-    buf: AlignedBuf,
-    fill: usize,
-    written: u64,
     plain: Vec<u8>,
     sha: sha2::Sha256,
     pub(crate) bytes: u64,
@@ -50,18 +49,9 @@ pub(crate) struct Stored {
 
 impl Writer {
     pub(crate) fn create(path: PathBuf) -> io::Result<Writer> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)?;
         Ok(Writer {
-            file,
+            sink: Sink::create(&path, WRITE_BYTES, false)?,
             path,
-            buf: AlignedBuf::new(WRITE_BYTES + RECORD_BYTES + BLOCK_BYTES),
-            fill: 0,
-            written: 0,
             plain: Vec::with_capacity(RECORD_PLAIN_BYTES),
             sha: sha2::Sha256::new(),
             bytes: 0,
@@ -87,7 +77,7 @@ impl Writer {
         // Unique per record across blobs (one key for all).
         let mut nonce = [0u8; 12];
         nonce[..8].copy_from_slice(&NONCES.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-        let rec = &mut self.buf.as_mut_slice()[self.fill..self.fill + HEAD_BYTES + n + TAG_BYTES];
+        let rec = self.sink.room(HEAD_BYTES + n + TAG_BYTES)?;
         rec[..4].copy_from_slice(&(n as u32).to_le_bytes());
         rec[4..HEAD_BYTES].copy_from_slice(&nonce);
         rec[HEAD_BYTES..HEAD_BYTES + n].copy_from_slice(&self.plain);
@@ -96,18 +86,8 @@ impl Writer {
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), body)
             .map_err(|_| io::Error::other("seal"))?;
         tag.copy_from_slice(t.as_ref());
-        self.fill += HEAD_BYTES + n + TAG_BYTES;
         self.plain.clear();
-        if self.fill >= WRITE_BYTES {
-            self.file
-                .write_all_at(&self.buf.as_slice()[..WRITE_BYTES], self.written)?;
-            self.written += WRITE_BYTES as u64;
-            self.buf
-                .as_mut_slice()
-                .copy_within(WRITE_BYTES..self.fill, 0);
-            self.fill -= WRITE_BYTES;
-        }
-        Ok(())
+        self.sink.appended(HEAD_BYTES + n + TAG_BYTES)
     }
 
     /// Seals the last record, writes and syncs the rest; the digest and
@@ -116,11 +96,7 @@ impl Writer {
         if !self.plain.is_empty() {
             self.seal(cipher)?;
         }
-        let padded = self.fill.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
-        self.buf.as_mut_slice()[self.fill..padded].fill(0);
-        self.file
-            .write_all_at(&self.buf.as_slice()[..padded], self.written)?;
-        self.file.sync_data()?;
+        self.sink.sync()?;
         let digest = format!("sha256:{}", hex::encode(self.sha.finalize()));
         let stored = Stored {
             path: self.path,

@@ -3,11 +3,15 @@
 //! with a [`Sink`], the record buffer is the upload's append buffer and
 //! the records are written and synced.
 
-use crate::keep::{Sink, HEAD_BYTES};
+use crate::keep::Sink;
 use orlop_engine::ChunkParams;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use std::io;
 use std::sync::Arc;
+
+/// A kept record's header, as the engine's (magic, kind, lengths, chunk
+/// id, nonce, CRC32C).
+const HEAD_BYTES: usize = 64;
 
 /// The naming key and the cipher, as the engine derives them from a key.
 pub(crate) struct Keys {

@@ -7,6 +7,9 @@
 //! their own while the next fills (Orlop's lone writer appends on its own
 //! thread, at most two writes in flight behind it); among many uploads
 //! each writes on its connection's thread, as Orlop's inline writers do.
+//!
+//! The pull floor keeps its blobs' records with the same [`Sink`]
+//! (written on the connection's thread, 2 MiB at a time).
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use orlop_engine::io::{AlignedBuf, BLOCK_BYTES};
@@ -16,13 +19,11 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-/// A record's header, as the engine's (magic, kind, lengths, chunk id,
-/// nonce, CRC32C).
-pub(crate) const HEAD_BYTES: usize = 64;
-/// Bytes written at a time (Orlop's append buffer).
-const WRITE_BYTES: usize = 1 << 20;
-/// Room for a full write plus the largest record that may overhang it.
-const BUF_BYTES: usize = WRITE_BYTES + (4 << 20) + 2 * BLOCK_BYTES;
+/// Bytes written at a time by the push floor (Orlop's append buffer).
+#[allow(dead_code)] // the pull floor, which shares this file, picks its own
+pub(crate) const APPEND_WRITE_BYTES: usize = 1 << 20;
+/// Room past a full write for the largest record that may overhang it.
+const OVERHANG_BYTES: usize = (4 << 20) + 2 * BLOCK_BYTES;
 
 /// Full buffers in flight at most behind a lone upload (Orlop's
 /// `WRITES_BEHIND_MAX`).
@@ -37,7 +38,7 @@ struct Behind {
 }
 
 impl Behind {
-    fn start(file: Arc<File>) -> io::Result<Behind> {
+    fn start(file: Arc<File>, write_bytes: usize) -> io::Result<Behind> {
         let (tx, rx) = bounded::<(AlignedBuf, u64)>(WRITES_BEHIND_MAX);
         let (back_tx, back) = bounded(WRITES_BEHIND_MAX);
         std::thread::Builder::new()
@@ -45,7 +46,7 @@ impl Behind {
             .spawn(move || {
                 for (buf, at) in rx {
                     let r = file
-                        .write_all_at(&buf.as_slice()[..WRITE_BYTES], at)
+                        .write_all_at(&buf.as_slice()[..write_bytes], at)
                         .map(|()| buf);
                     if back_tx.send(r).is_err() {
                         break;
@@ -60,14 +61,14 @@ impl Behind {
         })
     }
 
-    /// A buffer to fill next: a spare, a new one while fewer than the
-    /// bound exist, or the first to come back from the disk.
-    fn next(&mut self) -> io::Result<AlignedBuf> {
+    /// A buffer (of `bytes`) to fill next: a spare, a new one while fewer
+    /// than the bound exist, or the first to come back from the disk.
+    fn next(&mut self, bytes: usize) -> io::Result<AlignedBuf> {
         if let Some(b) = self.spares.pop() {
             return Ok(b);
         }
         if self.in_flight < WRITES_BEHIND_MAX {
-            return Ok(AlignedBuf::new(BUF_BYTES));
+            return Ok(AlignedBuf::new(bytes));
         }
         self.wait_one()
     }
@@ -104,30 +105,35 @@ pub(crate) struct Sink {
     file: Arc<File>,
     buf: AlignedBuf,
     fill: usize,
+    /// Bytes written at a time (whole blocks).
+    write_bytes: usize,
     /// Bytes of the file written for good (whole writes).
     written: u64,
     behind: Option<Behind>,
 }
 
 impl Sink {
-    /// With `behind`, full buffers are written by a thread of their own.
-    pub(crate) fn create(dir: &Path, id: u64, behind: bool) -> io::Result<Sink> {
+    /// Creates (or truncates) `path` for direct writes of `write_bytes` at
+    /// a time; with `behind`, full buffers are written by a thread of
+    /// their own.
+    pub(crate) fn create(path: &Path, write_bytes: usize, behind: bool) -> io::Result<Sink> {
         let file = Arc::new(
             OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .custom_flags(libc::O_DIRECT)
-                .open(dir.join(format!("upload-{id}")))?,
+                .open(path)?,
         );
         let behind = match behind {
-            true => Some(Behind::start(file.clone())?),
+            true => Some(Behind::start(file.clone(), write_bytes)?),
             false => None,
         };
         Ok(Sink {
             file,
-            buf: AlignedBuf::new(BUF_BYTES),
+            buf: AlignedBuf::new(write_bytes + OVERHANG_BYTES),
             fill: 0,
+            write_bytes,
             written: 0,
             behind,
         })
@@ -146,25 +152,26 @@ impl Sink {
     /// (or handed to the writing thread), what overhangs it kept.
     pub(crate) fn appended(&mut self, bytes: usize) -> io::Result<()> {
         self.fill += bytes;
-        if self.fill < WRITE_BYTES {
+        let w = self.write_bytes;
+        if self.fill < w {
             return Ok(());
         }
-        let rest = WRITE_BYTES..self.fill;
+        let rest = w..self.fill;
         match self.behind.as_mut() {
             None => {
                 self.file
-                    .write_all_at(&self.buf.as_slice()[..WRITE_BYTES], self.written)?;
+                    .write_all_at(&self.buf.as_slice()[..w], self.written)?;
                 self.buf.as_mut_slice().copy_within(rest, 0);
             }
             Some(b) => {
-                let mut next = b.next()?;
+                let mut next = b.next(self.buf.len())?;
                 next.as_mut_slice()[..rest.len()].copy_from_slice(&self.buf.as_slice()[rest]);
                 let full = std::mem::replace(&mut self.buf, next);
                 b.send(full, self.written)?;
             }
         }
-        self.written += WRITE_BYTES as u64;
-        self.fill -= WRITE_BYTES;
+        self.written += w as u64;
+        self.fill -= w;
         Ok(())
     }
 

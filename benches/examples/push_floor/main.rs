@@ -23,7 +23,6 @@
 //! connection's thread, as Orlop's writers do (`write_inline_from_writers`,
 //! by default the cores).
 //!
-//!
 //! With `--keep DIR` it also does the disk work a durable push cannot skip
 //! (`keep.rs`): each upload's records are written to a file of its own
 //! with O_DIRECT, 1 MiB at a time (a lone upload's by a thread of their
@@ -93,7 +92,11 @@ fn route(s: &mut TcpStream, sh: &Shared, pending: &mut Vec<u8>, req: &Request) -
         let inline = sh.open.fetch_add(1, Ordering::SeqCst) >= INLINE_FROM_UPLOADS;
         let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
         let sink = match &sh.keep {
-            Some(dir) => Some(keep::Sink::create(dir, id, !inline)?),
+            Some(dir) => Some(keep::Sink::create(
+                &dir.join(format!("upload-{id}")),
+                keep::APPEND_WRITE_BYTES,
+                !inline,
+            )?),
             None => None,
         };
         uploads.insert(id, Upload::new(sh.work, &sh.keys, inline, sink)?);
