@@ -227,7 +227,29 @@ pub async fn handle(app: Arc<App>, req: Req) -> Resp {
     resp
 }
 
+/// Bytes of a request's head as sent: request line and header lines.
+fn head_bytes(req: &Req) -> usize {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+        + req.uri().authority().map_or(0, |a| a.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    line + headers + 2
+}
+
 async fn dispatch(app: &Arc<App>, req: Req) -> ApiResult<Resp> {
+    // A connection with a large read buffer lets hyper parse longer heads;
+    // every connection is held to the same bound.
+    let head_len = head_bytes(&req);
+    if head_len > crate::serve::REQUEST_HEAD_BYTES_MAX {
+        return Err(ApiError::HeadTooLarge {
+            size: head_len as u64,
+            limit: crate::serve::REQUEST_HEAD_BYTES_MAX as u64,
+        });
+    }
     let route = parse_route(req.uri().path())?;
     let q = query_pairs(req.uri().query());
     let m = req.method().clone();

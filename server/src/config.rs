@@ -30,6 +30,12 @@ pub struct ServerConfig {
     pub upload_expiry_secs: u64,
     /// Connections served at once; more wait in the listen backlog.
     pub connections_max: usize,
+    /// Connections that read their requests 1 MiB at a time rather than
+    /// 64 KiB (the first ones accepted while fewer hold a large buffer): a
+    /// body streams in with a window update per MiB instead of one per
+    /// 64 KiB, for a bounded cost in memory (about 3 MiB a busy
+    /// connection). 0 reads every connection 64 KiB at a time.
+    pub large_read_connections_max: usize,
     /// Largest page of tags, repositories or referrers returned.
     pub list_page_max: usize,
     /// How long a graceful shutdown waits for requests in flight.
@@ -91,6 +97,7 @@ impl Default for ServerConfig {
             upload_expiry_secs: 3600,
             downloads_streaming_max: 256,
             connections_max: 1024,
+            large_read_connections_max: 8,
             list_page_max: 1000,
             shutdown_grace_secs: 30,
             request_head_timeout_secs: 30,
@@ -181,6 +188,9 @@ impl ServerConfig {
             "DOWNLOADS_STREAMING_MAX" => self.downloads_streaming_max = num(value).map_err(bad)?,
             "UPLOAD_EXPIRY_SECS" => self.upload_expiry_secs = num(value).map_err(bad)?,
             "CONNECTIONS_MAX" => self.connections_max = num(value).map_err(bad)?,
+            "LARGE_READ_CONNECTIONS_MAX" => {
+                self.large_read_connections_max = num(value).map_err(bad)?
+            }
             "LIST_PAGE_MAX" => self.list_page_max = num(value).map_err(bad)?,
             "SHUTDOWN_GRACE_SECS" => self.shutdown_grace_secs = num(value).map_err(bad)?,
             "REQUEST_HEAD_TIMEOUT_SECS" => {

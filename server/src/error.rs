@@ -45,6 +45,8 @@ pub enum ApiError {
     Denied(String),
     #[error("the operation is unsupported: {0}")]
     Unsupported(String),
+    #[error("request head of {size} bytes exceeds the limit of {limit} bytes")]
+    HeadTooLarge { size: u64, limit: u64 },
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("not found")]
@@ -83,6 +85,7 @@ impl ApiError {
             Unauthorized => (401, "UNAUTHORIZED"),
             Denied(_) => (403, "DENIED"),
             Unsupported(_) => (405, "UNSUPPORTED"),
+            HeadTooLarge { .. } => (431, "UNSUPPORTED"),
             MethodNotAllowed => (405, "UNSUPPORTED"),
             NotFound => (404, "UNSUPPORTED"),
             TooManyRequests(_) => (429, "TOOMANYREQUESTS"),

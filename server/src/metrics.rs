@@ -39,6 +39,9 @@ pub struct Metrics {
     pub received_bytes: Counter,
     pub sent_bytes: Counter,
     pub upload_sessions: Gauge,
+    /// Connections open, and of them those reading 1 MiB at a time.
+    pub connections: Gauge,
+    pub connections_large_read: Gauge,
     pub uploads_expired: Counter,
     pub blob_commit_seconds: Histogram,
     pub engine: EngineObserver,
@@ -147,6 +150,18 @@ impl Metrics {
             "orlop_upload_sessions",
             "Blob upload sessions open",
             upload_sessions.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "orlop_http_connections",
+            "Client connections open",
+            connections.clone(),
+        );
+        let connections_large_read = Gauge::default();
+        registry.register(
+            "orlop_http_connections_large_read",
+            "Client connections open that read requests 1 MiB at a time (large_read_connections_max)",
+            connections_large_read.clone(),
         );
         let uploads_expired = Counter::default();
         registry.register(
@@ -265,6 +280,8 @@ impl Metrics {
             received_bytes,
             sent_bytes,
             upload_sessions,
+            connections,
+            connections_large_read,
             uploads_expired,
             blob_commit_seconds,
             engine,

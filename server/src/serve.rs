@@ -39,8 +39,42 @@ async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output> 
     .await
 }
 
-/// Largest request head (request line and headers) accepted.
-const REQUEST_HEAD_BYTES_MAX: usize = 64 * 1024;
+/// Largest request head (request line and headers) accepted, and the read
+/// buffer of a connection without a large-read permit.
+pub const REQUEST_HEAD_BYTES_MAX: usize = 64 * 1024;
+/// Read buffer of a connection with a large-read permit
+/// (`large_read_connections_max`). Its head is still held to
+/// `REQUEST_HEAD_BYTES_MAX`, by `app::dispatch`.
+const LARGE_READ_BYTES: usize = 1 << 20;
+
+/// Counts a connection in the metrics while it lives.
+struct ConnGauge {
+    connections: prometheus_client::metrics::gauge::Gauge,
+    large: Option<prometheus_client::metrics::gauge::Gauge>,
+}
+
+impl ConnGauge {
+    fn new(m: &Metrics, large: bool) -> Self {
+        m.connections.inc();
+        let large = large.then(|| {
+            m.connections_large_read.inc();
+            m.connections_large_read.clone()
+        });
+        ConnGauge {
+            connections: m.connections.clone(),
+            large,
+        }
+    }
+}
+
+impl Drop for ConnGauge {
+    fn drop(&mut self) {
+        self.connections.dec();
+        if let Some(g) = &self.large {
+            g.dec();
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -187,6 +221,7 @@ async fn serve<F: Future<Output = ()>>(
 ) {
     let cfg = app.cfg.clone();
     let conns = Arc::new(tokio::sync::Semaphore::new(cfg.connections_max));
+    let large_reads = Arc::new(tokio::sync::Semaphore::new(cfg.large_read_connections_max));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let expiry = tokio::spawn(expire_uploads(app.clone()));
@@ -211,11 +246,19 @@ async fn serve<F: Future<Output = ()>>(
             }
         };
         let _ = stream.set_nodelay(true);
+        // Held for the connection's life: a connection keeps the buffer
+        // size it was accepted with.
+        let large = large_reads.clone().try_acquire_owned().ok();
+        let read_bytes = match large {
+            Some(_) => LARGE_READ_BYTES,
+            None => REQUEST_HEAD_BYTES_MAX,
+        };
         let app = app.clone();
+        let open = ConnGauge::new(&app.metrics, large.is_some());
         let mut stop_conn = stop_rx.clone();
         let head_timeout = Duration::from_secs(cfg.request_head_timeout_secs);
         tasks.spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, large, open);
             let svc = service_fn(move |req| {
                 let app = app.clone();
                 async move { Ok::<_, Infallible>(handle(app, req).await) }
@@ -224,7 +267,7 @@ async fn serve<F: Future<Output = ()>>(
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(head_timeout)
-                .max_buf_size(REQUEST_HEAD_BYTES_MAX);
+                .max_buf_size(read_bytes);
             let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), svc));
             match race(conn.as_mut(), stop_conn.changed()).await {
                 Either::Left(Err(e)) => {

@@ -1209,3 +1209,83 @@ fn online_gc_expires_untagged_manifests() {
     assert_eq!(r.json()["manifests"].as_array().map(Vec::len), Some(1));
     reg.stop_and_fsck();
 }
+
+/// Sends a GET of `/v2/` with one extra header of `pad` bytes on a
+/// connection of its own; the status line's code, or `None` when the
+/// server hung up without one.
+fn get_with_padded_head(addr: std::net::SocketAddr, pad: usize) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{e}"));
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(pad)
+    );
+    // A server that stops reading at its bound may reset the connection
+    // while the head is still being written.
+    let _ = s.write_all(head.as_bytes());
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp);
+    let code = text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    Some(code)
+}
+
+#[test]
+fn request_heads_are_bounded_on_every_connection() {
+    // Every connection holds a large read buffer (1 MiB), so hyper parses
+    // heads far over the 64 KiB bound: the handler holds them to it.
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let reg = Registry::start(
+        &dir.path().join("data"),
+        &[("ORLOP_LARGE_READ_CONNECTIONS_MAX", "1000")],
+    );
+    assert_eq!(get_with_padded_head(reg.addr, 60_000), Some(200));
+    assert_eq!(get_with_padded_head(reg.addr, 100_000), Some(431));
+    assert_eq!(get_with_padded_head(reg.addr, 900_000), Some(431));
+    // The error is in the spec's format.
+    let c = reg.client();
+    let r = c.req("GET", "/v2/", &[("X-Pad", &"b".repeat(70_000))], b"");
+    assert_eq!(r.status, 431);
+    assert_eq!(r.error_code(), "UNSUPPORTED");
+    // Large reads carry bodies as before.
+    let data = noise(95, 3_000_000);
+    let loc = start_upload(&c, "heads");
+    let r = c.req(
+        "PUT",
+        &format!("{loc}?digest={}", digest(&data)),
+        &[],
+        &data,
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        c.get(&format!("/v2/heads/blobs/{}", digest(&data))).body,
+        data
+    );
+    reg.stop_and_fsck();
+
+    // With no large reads, hyper's own bound answers (or hangs up).
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let reg = Registry::start(
+        &dir.path().join("data"),
+        &[("ORLOP_LARGE_READ_CONNECTIONS_MAX", "0")],
+    );
+    assert_eq!(get_with_padded_head(reg.addr, 60_000), Some(200));
+    for pad in [100_000, 900_000] {
+        let code = get_with_padded_head(reg.addr, pad);
+        assert!(matches!(code, None | Some(431)), "{pad}: {code:?}");
+    }
+    let m = String::from_utf8_lossy(&reg.client().get("/metrics").body).into_owned();
+    assert!(gauge(&m, "orlop_http_connections") >= 1, "{m}");
+    assert_eq!(gauge(&m, "orlop_http_connections_large_read"), 0, "{m}");
+    reg.stop_and_fsck();
+}
+
+/// The value of an unlabelled gauge in a metrics page (-1 when absent).
+fn gauge(metrics: &str, name: &str) -> i64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(-1)
+}
