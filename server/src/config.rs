@@ -84,6 +84,10 @@ pub struct ServerConfig {
     pub write_inline_from_writers: usize,
 }
 
+/// Largest `connections_max`: far above what one process serves, far
+/// below a semaphore's limit.
+const CONNECTIONS_MAX_LIMIT: usize = 1 << 20;
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -244,6 +248,17 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
         }
+        // Both are semaphores' permits, held one per connection.
+        if self.connections_max > CONNECTIONS_MAX_LIMIT {
+            return Err(ConfigError::Invalid(format!(
+                "connections_max is at most {CONNECTIONS_MAX_LIMIT}"
+            )));
+        }
+        if self.large_read_connections_max > self.connections_max {
+            return Err(ConfigError::Invalid(
+                "large_read_connections_max is at most connections_max".into(),
+            ));
+        }
         if !(0.0..=1.0).contains(&self.compact_live_fraction_max) {
             return Err(ConfigError::Invalid(
                 "compact_live_fraction_max is between 0 and 1".into(),
@@ -325,6 +340,22 @@ mod tests {
             ServerConfig::load(None, env),
             Err(ConfigError::Invalid(_))
         ));
+        for (var, value) in [
+            ("ORLOP_CONNECTIONS_MAX", "18446744073709551615"),
+            ("ORLOP_LARGE_READ_CONNECTIONS_MAX", "1025"),
+        ] {
+            let env = vec![(var.to_string(), value.to_string())];
+            assert!(
+                matches!(ServerConfig::load(None, env), Err(ConfigError::Invalid(_))),
+                "{var}={value}"
+            );
+        }
+        let env = vec![(
+            "ORLOP_LARGE_READ_CONNECTIONS_MAX".to_string(),
+            "0".to_string(),
+        )];
+        let cfg = ServerConfig::load(None, env).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.large_read_connections_max, 0);
     }
 
     #[test]
