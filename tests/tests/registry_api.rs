@@ -1251,18 +1251,8 @@ fn request_heads_are_bounded_on_every_connection() {
     assert_eq!(r.error_code(), "UNSUPPORTED");
     // Large reads carry bodies as before.
     let data = noise(95, 3_000_000);
-    let loc = start_upload(&c, "heads");
-    let r = c.req(
-        "PUT",
-        &format!("{loc}?digest={}", digest(&data)),
-        &[],
-        &data,
-    );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(
-        c.get(&format!("/v2/heads/blobs/{}", digest(&data))).body,
-        data
-    );
+    let d = push_blob(&c, "heads", &data);
+    assert_eq!(c.get(&format!("/v2/heads/blobs/{d}")).body, data);
     reg.stop_and_fsck();
 
     // With no large reads, hyper's own bound answers (or hangs up).
